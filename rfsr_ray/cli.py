@@ -1,0 +1,76 @@
+"""Shared command-line handling of the entry scripts in `pipelines/`.
+
+Every pipeline is `python pipelines/NAME.py --config FILE.yaml [key.sub=value ...] [--print-config]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from rfsr_ray.config import RFSRConfig, load_config
+from rfsr_ray.errors import RFSRError
+
+log = logging.getLogger("rfsr_ray")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides: key.sub=value, e.g. train.steps=100 data.sources=[builtin,/data/hr] "
+        "degradation.jpeg_range=[30,95]. Values are parsed as YAML.",
+    )
+    parser.add_argument("--config", help="YAML config file (defaults apply to omitted keys)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RFSRConfig | None:
+    """Parse argv into a validated config; prints it and returns None for --print-config."""
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        return None
+    return cfg
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at $RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def run_main(
+    body: Callable[[RFSRConfig], int], argv: Sequence[str] | None, description: str
+) -> int:
+    """Parse, then run `body(cfg) -> int`; user errors print one clear line and return 2."""
+    setup_logging()
+    parser = build_parser(description)
+    try:
+        cfg = parse_config(parser, argv)
+        if cfg is None:
+            return 0
+        return body(cfg)
+    except RFSRError as error:
+        sys.stderr.write(f"error: {type(error).__name__}: {error}\n")
+        return 2

@@ -1,0 +1,470 @@
+"""One typed, frozen config schema for every pipeline.
+
+Unknown keys, wrong types and out-of-range values are rejected before any work starts with a
+`ConfigError` naming the key, the bad value and the allowed form. YAML files hold any subset of the
+schema; `key.sub=value` overrides are applied on top (values parsed as YAML, so `[30,95]` is a list).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rfsr_ray.errors import ConfigError
+
+
+def _ascending(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError(
+            f"range {list(value)} must be ascending [low, high], e.g. {sorted(value)}"
+        )
+    return value
+
+
+def _probabilities(value: tuple[float, ...]) -> tuple[float, ...]:
+    if any(p < 0 for p in value) or abs(sum(value) - 1.0) > 1e-6:
+        raise ValueError(f"probabilities {list(value)} must be >= 0 and sum to 1")
+    return value
+
+
+FloatRange = Annotated[tuple[float, float], AfterValidator(_ascending)]
+IntRange = Annotated[tuple[int, int], AfterValidator(_ascending)]
+Probabilities = Annotated[tuple[float, ...], AfterValidator(_probabilities)]
+KernelType = Literal[
+    "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"
+]
+ResizeMode = Literal["area", "bilinear", "bicubic"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------- data
+class SourceConfig(StrictModel):
+    """One source of HR images.
+
+    A plain string is accepted too: `builtin`, `builtin:astronaut,coffee`, a `.parquet` path or
+    a folder / URI (`s3://bucket/prefix`).
+    """
+
+    kind: Literal["folder", "parquet", "builtin"]
+    path: str | None = None
+    names: tuple[str, ...] | None = None
+    image_column: str = "image"
+    id_column: str | None = None
+    weight: float = Field(1.0, gt=0, description="scales the crops drawn from each image")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value == "builtin" or value.startswith("builtin:"):
+            names = value.partition(":")[2]
+            return {"kind": "builtin", "names": names.split(",") if names else None}
+        kind = "parquet" if value.rstrip("/").endswith(".parquet") else "folder"
+        return {"kind": kind, "path": value}
+
+    @model_validator(mode="after")
+    def _path_required(self) -> SourceConfig:
+        if self.kind != "builtin" and not self.path:
+            raise ValueError(f"a '{self.kind}' source needs `path`, e.g. path: /data/hr_images")
+        return self
+
+
+class DataConfig(StrictModel):
+    sources: tuple[SourceConfig, ...] = (SourceConfig(kind="builtin"),)
+    patch_size: int = Field(256, ge=16, le=4096)
+    scale: Literal[2, 4] = 4
+    crops_per_image: int = Field(4, ge=1, le=1024)
+    flip: bool = True
+    rot90: bool = True
+    pad_small: bool = False
+    max_pixels: int = Field(64_000_000, ge=1, description="larger images are skipped (bombs)")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1, description="images per degradation batch")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each degradation task")
+    concurrency: int | None = Field(None, ge=1, description="max parallel degradation tasks")
+    shuffle: bool = True
+    val_source: SourceConfig | None = None
+    val_pairs: str | None = Field(None, description="Parquet pair set for validation")
+    val_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _patch_divisible(self) -> DataConfig:
+        if self.patch_size % self.scale:
+            fixed = self.patch_size - self.patch_size % self.scale
+            raise ValueError(
+                f"data.patch_size={self.patch_size} must be a multiple of data.scale={self.scale}, "
+                f"e.g. {fixed}"
+            )
+        return self
+
+
+_X4PLUS: dict[str, Any] = {}
+_MILD: dict[str, Any] = {
+    "resize_range": (0.3, 1.5),
+    "noise_range": (1, 15),
+    "poisson_scale_range": (0.05, 2.0),
+    "jpeg_range": (60, 95),
+    "second_blur_prob": 0.5,
+    "resize_range2": (0.6, 1.2),
+    "noise_range2": (1, 12),
+    "poisson_scale_range2": (0.05, 1.0),
+    "jpeg_range2": (60, 100),
+}
+_BICUBIC: dict[str, Any] = {"mode": "bicubic"}
+DEGRADATION_PRESETS: dict[str, dict[str, Any]] = {
+    "realesrgan_x4plus": _X4PLUS,
+    "mild": _MILD,
+    "bicubic": _BICUBIC,
+}
+
+
+class DegradationConfig(StrictModel):
+    """Real-ESRGAN second-order degradation (METHOD.md section 5).
+
+    `preset` fills every field the file does not set; fields set explicitly win. Defaults are the
+    Real-ESRGAN x4plus values. Noise sigmas are on the 0-255 scale.
+    """
+
+    preset: Literal["realesrgan_x4plus", "mild", "bicubic"] = "realesrgan_x4plus"
+    mode: Literal["second_order", "bicubic"] = "second_order"
+    usm_sharpen: bool = False
+    usm_weight: float = Field(0.5, ge=0)
+    usm_radius: int = Field(50, ge=1)
+    usm_threshold: float = Field(10, ge=0)
+    kernel_range: IntRange = (7, 21)
+    kernel_list: tuple[KernelType, ...] = (
+        "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"
+    )
+    kernel_prob: Probabilities = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob: float = Field(0.1, ge=0, le=1)
+    blur_sigma: FloatRange = (0.2, 3.0)
+    betag_range: FloatRange = (0.5, 4.0)
+    betap_range: FloatRange = (1.0, 2.0)
+    resize_prob: Probabilities = (0.2, 0.7, 0.1)
+    resize_range: FloatRange = (0.15, 1.5)
+    gaussian_noise_prob: float = Field(0.5, ge=0, le=1)
+    noise_range: FloatRange = (1, 30)
+    poisson_scale_range: FloatRange = (0.05, 3.0)
+    gray_noise_prob: float = Field(0.4, ge=0, le=1)
+    jpeg_range: IntRange = (30, 95)
+    second_blur_prob: float = Field(0.8, ge=0, le=1)
+    kernel_prob2: Probabilities = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob2: float = Field(0.1, ge=0, le=1)
+    blur_sigma2: FloatRange = (0.2, 1.5)
+    betag_range2: FloatRange = (0.5, 4.0)
+    betap_range2: FloatRange = (1.0, 2.0)
+    resize_prob2: Probabilities = (0.3, 0.4, 0.3)
+    resize_range2: FloatRange = (0.3, 1.2)
+    gaussian_noise_prob2: float = Field(0.5, ge=0, le=1)
+    noise_range2: FloatRange = (1, 25)
+    poisson_scale_range2: FloatRange = (0.05, 2.5)
+    gray_noise_prob2: float = Field(0.4, ge=0, le=1)
+    jpeg_range2: IntRange = (30, 95)
+    final_sinc_prob: float = Field(0.8, ge=0, le=1)
+    resize_modes: tuple[ResizeMode, ...] = ("area", "bilinear", "bicubic")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        preset = value.get("preset", "realesrgan_x4plus")
+        if preset not in DEGRADATION_PRESETS:
+            return value  # the Literal check reports it
+        return {**DEGRADATION_PRESETS[preset], **value}
+
+    @field_validator("kernel_range")
+    @classmethod
+    def _odd_kernels(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 3 or value[0] % 2 == 0 or value[1] % 2 == 0:
+            raise ValueError(f"kernel sizes {list(value)} must be odd and >= 3, e.g. [7, 21]")
+        return value
+
+    @field_validator("jpeg_range", "jpeg_range2")
+    @classmethod
+    def _jpeg_quality(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 1 or value[1] > 100:
+            raise ValueError(f"JPEG quality {list(value)} must lie in [1, 100], e.g. [30, 95]")
+        return value
+
+    @model_validator(mode="after")
+    def _kernel_probs_match(self) -> DegradationConfig:
+        for probs in (self.kernel_prob, self.kernel_prob2):
+            if len(probs) != len(self.kernel_list):
+                raise ValueError(
+                    f"kernel_prob {list(probs)} needs one probability per kernel_list entry "
+                    f"({len(self.kernel_list)})"
+                )
+        if len(self.resize_prob) != 3 or len(self.resize_prob2) != 3:
+            raise ValueError("resize_prob and resize_prob2 are [up, down, keep], e.g. [0.2, 0.7, 0.1]")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- model
+class TinyModelConfig(StrictModel):
+    """Built-in pixel-space conditional diffusion SR model (diffusers UNet2DModel)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+
+class ModelConfig(StrictModel):
+    family: Literal["tiny"] = "tiny"
+    pretrained: str | None = Field(None, description="directory of a saved model to start from")
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+# ---------------------------------------------------------------------------------------- losses
+Window = Annotated[tuple[int, int], AfterValidator(_ascending)]
+
+
+class StructureLossConfig(StrictModel):
+    enabled: bool = True
+    weight: float = Field(5e-4, ge=0)
+    window: Window = (0, 19)
+    wavelet: str = Field("haar", description="pywt wavelet name for the DWT, or 'dtcwt'")
+    levels: int = Field(3, ge=1, le=8)
+
+
+class RewardConfig(StrictModel):
+    name: str = Field(description="pyiqa metric name, e.g. gmsd, fsim, clipiqa")
+    weight: float = Field(5e-5, ge=0)
+    form: Literal["hinge", "linear"] = "hinge"
+    margin: float = 2.0
+
+
+class RewardLossConfig(StrictModel):
+    enabled: bool = True
+    window: Window = (40, 49)
+    terms: tuple[RewardConfig, ...] = (RewardConfig(name="gmsd"),)
+
+
+class GramLossConfig(StrictModel):
+    enabled: bool = True
+    weight: float = Field(5e-7, ge=0)
+    window: Window = (40, 49)
+    variant: Literal["l1", "kl"] = "l1"
+    layer_weights: tuple[float, float, float, float, float] = (0.1, 0.1, 1.0, 1.0, 1.0)
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the `kl` variant")
+    vgg_weights: str | None = Field(None, description="path to torchvision vgg19 state dict")
+    allow_random_vgg: bool = False
+
+
+class LossesConfig(StrictModel):
+    structure: StructureLossConfig = StructureLossConfig()
+    reward: RewardLossConfig = RewardLossConfig()
+    gram: GramLossConfig = GramLossConfig()
+
+
+# ---------------------------------------------------------------------------------------- schedule
+class SplitConfig(StrictModel):
+    """Sweep-friendly shorthand: structure window [0, structure_end], reward and Gram windows
+    [reward_start, N-1]."""
+
+    structure_end: int = Field(ge=0)
+    reward_start: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SplitConfig:
+        if self.structure_end >= self.reward_start:
+            raise ValueError(
+                f"split.structure_end={self.structure_end} must be < split.reward_start="
+                f"{self.reward_start}, e.g. structure_end: 19, reward_start: 40"
+            )
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    num_inference_steps: int = Field(50, ge=2, le=1000)
+    mode: Literal["trajectory", "one_step"] = "trajectory"
+    split: SplitConfig | None = None
+    window_weights: dict[Literal["structure", "reward", "gram"], float] = Field(
+        default_factory=dict, description="per-index sampling weight of each window (default 1)"
+    )
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainConfig(StrictModel):
+    objective: Literal["rfsr", "denoise"] = "rfsr"
+    steps: int = Field(15000, ge=1, description="optimiser steps")
+    batch_size: int = Field(1, ge=1, description="per worker")
+    grad_accum: int = Field(2, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(1, ge=0, description="0 = Train local mode (debugging)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    max_nonfinite_steps: int = Field(10, ge=1)
+    validate_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+# ---------------------------------------------------------------------------------------- rest
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "rfsr_ray"
+    enabled: bool = True
+
+
+class OutputConfig(StrictModel):
+    dir: str = "outputs/pairs"
+    overwrite: bool = False
+    preview_rows: int = Field(6, ge=0)
+    row_group_size: int = Field(256, ge=1)
+    run_name: str = "rfsr"
+    storage_path: str = "outputs/ray_results"
+
+
+class RFSRConfig(StrictModel):
+    data: DataConfig = DataConfig()
+    degradation: DegradationConfig = DegradationConfig()
+    model: ModelConfig = ModelConfig()
+    losses: LossesConfig = LossesConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _windows_inside_schedule(self) -> RFSRConfig:
+        steps = self.schedule.num_inference_steps
+        for name in ("structure", "reward", "gram"):
+            low, high = getattr(self.losses, name).window
+            if self.schedule.split is None and not 0 <= low <= high < steps:
+                raise ValueError(
+                    f"losses.{name}.window=[{low}, {high}] must lie inside [0, {steps - 1}] "
+                    f"(schedule.num_inference_steps={steps}), e.g. [0, {steps // 2}]"
+                )
+        split = self.schedule.split
+        if split is not None and split.reward_start >= steps:
+            raise ValueError(
+                f"schedule.split.reward_start={split.reward_start} must be < "
+                f"schedule.num_inference_steps={steps}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML (reloadable with `load_config`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict in place (list items by index)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. train.steps=100")
+    node: Any = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+        else:
+            child = node.get(part)
+            if not isinstance(child, (dict, list)):
+                child = node[part] = {}
+            node = child
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = _parse_value(text)
+    else:
+        node[parts[-1]] = _parse_value(text)
+
+
+def _list_index(items: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override key {key!r}: {part!r} is not an index of a {len(items)}-item list")
+    return int(part)
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        bad = json.dumps(item.get("input"), default=str)
+        if len(bad) > 80:
+            bad = bad[:77] + "..."
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `--print-config`"
+        lines.append(f"  {loc or '<root>'}={bad}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: Mapping[str, Any] | None = None) -> RFSRConfig:
+    """Validate a nested dict into an `RFSRConfig`, raising `ConfigError` with every problem."""
+    try:
+        return RFSRConfig.model_validate(dict(tree or {}))
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RFSRConfig:
+    """Read a YAML file (or only defaults when `path` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/…yaml")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        tree = copy.deepcopy(loaded)
+    for override in overrides:
+        apply_override(tree, override)
+    return build_config(tree)
