@@ -1,6 +1,6 @@
 """Materialise a fixed LR/HR pair set to Parquet, with a preview grid and skip counts.
 
-    python pipelines/prepare_data.py --config configs/prepare_data.yaml [key.sub=value ...]
+python pipelines/prepare_data.py --config configs/prepare_data.yaml [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def prepare(cfg: RFSRConfig) -> int:
     counts = write_pair_set(pipeline, cfg)
     seconds = time.perf_counter() - started
     print(format_counts(counts))
-    print(f"wrote {counts.get('pairs', 0)} pairs in {seconds:.1f}s to {cfg.output.dir}/pairs "
-          f"(preview: {cfg.output.dir}/preview.png, config: {cfg.output.dir}/config.yaml)")
+    print(
+        f"wrote {counts.get('pairs', 0)} pairs in {seconds:.1f}s to {cfg.output.dir}/pairs "
+        f"(preview: {cfg.output.dir}/preview.png, config: {cfg.output.dir}/config.yaml)"
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Shared command-line handling of the entry scripts in `pipelines/`.
 
-Every pipeline is `python pipelines/NAME.py --config FILE.yaml [key.sub=value ...] [--print-config]`.
+Every pipeline is `python pipelines/NAME.py --config FILE.yaml [key.sub=value ...]`, plus
+`--print-config` to show the resolved config and exit.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "degradation.jpeg_range=[30,95]. Values are parsed as YAML.",
     )
     parser.add_argument("--config", help="YAML config file (defaults apply to omitted keys)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser
 
@@ -41,8 +43,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def init_ray(num_cpus: int | None = None) -> None:

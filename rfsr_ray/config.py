@@ -2,7 +2,7 @@
 
 Unknown keys, wrong types and out-of-range values are rejected before any work starts with a
 `ConfigError` naming the key, the bad value and the allowed form. YAML files hold any subset of the
-schema; `key.sub=value` overrides are applied on top (values parsed as YAML, so `[30,95]` is a list).
+schema; `key.sub=value` overrides are applied on top (values parsed as YAML: `[30,95]` is a list).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from rfsr_ray.errors import ConfigError
 
 def _ascending(value: tuple[float, float]) -> tuple[float, float]:
     if value[0] > value[1]:
-        raise ValueError(
-            f"range {list(value)} must be ascending [low, high], e.g. {sorted(value)}"
-        )
+        raise ValueError(f"range {list(value)} must be ascending [low, high], e.g. {sorted(value)}")
     return value
 
 
@@ -58,7 +56,7 @@ class StrictModel(BaseModel):
 class SourceConfig(StrictModel):
     """One source of HR images.
 
-    A plain string is accepted too: `builtin`, `builtin:astronaut,coffee`, a `.parquet` path or
+    A plain string is accepted too: `builtin`, `builtin:astronaut+coffee`, a `.parquet` path or
     a folder / URI (`s3://bucket/prefix`).
     """
 
@@ -76,7 +74,7 @@ class SourceConfig(StrictModel):
             return value
         if value == "builtin" or value.startswith("builtin:"):
             names = value.partition(":")[2]
-            return {"kind": "builtin", "names": names.split(",") if names else None}
+            return {"kind": "builtin", "names": names.split("+") if names else None}
         kind = "parquet" if value.rstrip("/").endswith(".parquet") else "folder"
         return {"kind": kind, "path": value}
 
@@ -151,7 +149,12 @@ class DegradationConfig(StrictModel):
     usm_threshold: float = Field(10, ge=0)
     kernel_range: IntRange = (7, 21)
     kernel_list: tuple[KernelType, ...] = (
-        "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"
+        "iso",
+        "aniso",
+        "generalized_iso",
+        "generalized_aniso",
+        "plateau_iso",
+        "plateau_aniso",
     )
     kernel_prob: Probabilities = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob: float = Field(0.1, ge=0, le=1)
@@ -214,7 +217,9 @@ class DegradationConfig(StrictModel):
                     f"({len(self.kernel_list)})"
                 )
         if len(self.resize_prob) != 3 or len(self.resize_prob2) != 3:
-            raise ValueError("resize_prob and resize_prob2 are [up, down, keep], e.g. [0.2, 0.7, 0.1]")
+            raise ValueError(
+                "resize_prob and resize_prob2 are [up, down, keep], e.g. [0.2, 0.7, 0.1]"
+            )
         return self
 
 
@@ -335,7 +340,9 @@ class TrainConfig(StrictModel):
 
 # ---------------------------------------------------------------------------------------- rest
 class TrackingConfig(StrictModel):
-    uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     experiment: str = "rfsr_ray"
     enabled: bool = True
 
@@ -409,7 +416,9 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     """Apply one `a.b.c=value` override to a nested dict in place (list items by index)."""
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. train.steps=100")
+        raise ConfigError(
+            f"override {override!r} must look like key.sub=value, e.g. train.steps=100"
+        )
     node: Any = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -428,7 +437,9 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
 
 def _list_index(items: list[Any], part: str, key: str) -> int:
     if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override key {key!r}: {part!r} is not an index of a {len(items)}-item list")
+        raise ConfigError(
+            f"override key {key!r}: {part!r} is not an index of a {len(items)}-item list"
+        )
     return int(part)
 
 
@@ -460,7 +471,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RFSRC
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/…yaml")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass --config configs/…yaml"
+            )
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")

@@ -81,7 +81,7 @@ def decode_image(data: bytes, min_size: int, max_pixels: int) -> Decoded:
     if transposed.size != image.size or image.getexif().get(0x0112, 1) != 1:
         notes.append("exif_oriented")
     rgb, conversions = _to_rgb(transposed)
-    notes.extend(conversions)
+    notes.extend(note for note in conversions if note not in notes)
     if min(rgb.size) < min_size:
         return Decoded(None, TOO_SMALL, tuple(notes))
     return Decoded(np.asarray(rgb, dtype=np.uint8), None, tuple(notes))

@@ -34,7 +34,7 @@ def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
 def add_gaussian_noise(
     image: np.ndarray, rng: np.random.Generator, sigma: float, gray: bool
 ) -> np.ndarray:
-    """Add N(0, (sigma/255)^2) noise; `gray` uses one noise map for all channels. Clipped to [0, 1]."""
+    """Add N(0, (sigma/255)^2) noise, one map for all channels if `gray`; clipped to [0, 1]."""
     shape = (*image.shape[:2], 1) if gray else image.shape
     noise = rng.standard_normal(shape, dtype=np.float32)
     return np.clip(image + noise * np.float32(sigma / 255.0), 0.0, 1.0)
@@ -46,7 +46,8 @@ def add_poisson_noise(
     """Add scaled shot noise, photon count set by the number of distinct levels (Real-ESRGAN)."""
     base = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None] if gray else image
     base = np.clip(base, 0.0, 1.0)
-    levels = len(np.unique(np.round(base * 255.0)))
+    quantised = np.round(base * 255.0).astype(np.uint8)
+    levels = int(np.count_nonzero(np.bincount(quantised.ravel(), minlength=256)))
     photons = 2.0 ** np.ceil(np.log2(max(levels, 2)))
     noise = rng.poisson(base * photons) / photons - base
     return np.clip(image + (noise * scale).astype(np.float32), 0.0, 1.0)
@@ -105,14 +106,22 @@ def _random_noise(
     gray = bool(rng.uniform() < (cfg.gray_noise_prob2 if second else cfg.gray_noise_prob))
     if rng.uniform() < (cfg.gaussian_noise_prob2 if second else cfg.gaussian_noise_prob):
         sigma = float(rng.uniform(*(cfg.noise_range2 if second else cfg.noise_range)))
-        return add_gaussian_noise(image, rng, sigma, gray), {"type": "gaussian", "sigma": sigma,
-                                                             "gray": gray}
+        return add_gaussian_noise(image, rng, sigma, gray), {
+            "type": "gaussian",
+            "sigma": sigma,
+            "gray": gray,
+        }
     scale = float(rng.uniform(*(cfg.poisson_scale_range2 if second else cfg.poisson_scale_range)))
-    return add_poisson_noise(image, rng, scale, gray), {"type": "poisson", "scale": scale,
-                                                        "gray": gray}
+    return add_poisson_noise(image, rng, scale, gray), {
+        "type": "poisson",
+        "scale": scale,
+        "gray": gray,
+    }
 
 
-def _random_scale(rng: np.random.Generator, probs: tuple[float, ...], span: tuple[float, float]) -> float:
+def _random_scale(
+    rng: np.random.Generator, probs: tuple[float, ...], span: tuple[float, float]
+) -> float:
     direction = rng.choice(3, p=np.asarray(probs) / sum(probs))
     if direction == 0:
         return float(rng.uniform(1.0, max(1.0, span[1])))
@@ -180,8 +189,9 @@ def degrade(
     (H/scale, W/scale, 3) LR image, and every sampled parameter (JSON-serialisable).
     """
     if cfg.usm_sharpen:
-        sharp = usm_sharpen(hr.astype(np.float32) / 255.0, cfg.usm_weight, cfg.usm_radius,
-                            cfg.usm_threshold)
+        sharp = usm_sharpen(
+            hr.astype(np.float32) / 255.0, cfg.usm_weight, cfg.usm_radius, cfg.usm_threshold
+        )
         hr = np.clip(np.round(sharp * 255.0), 0, 255).astype(np.uint8)
     if cfg.mode == "bicubic":
         return hr, bicubic_downscale(hr, scale), {"mode": "bicubic"}

@@ -42,7 +42,9 @@ def gaussian_kernel(kernel_size: int, covariance: np.ndarray) -> np.ndarray:
     return _normalised(np.exp(-0.5 * _mahalanobis(kernel_size, covariance)))
 
 
-def generalized_gaussian_kernel(kernel_size: int, covariance: np.ndarray, beta: float) -> np.ndarray:
+def generalized_gaussian_kernel(
+    kernel_size: int, covariance: np.ndarray, beta: float
+) -> np.ndarray:
     return _normalised(np.exp(-0.5 * np.power(_mahalanobis(kernel_size, covariance), beta)))
 
 
@@ -85,8 +87,12 @@ def random_mixed_kernel(
     else:
         sigma_y, theta = float(rng.uniform(*sigma_range)), float(rng.uniform(-np.pi, np.pi))
     covariance = sigma_matrix(sigma_x, sigma_y, theta)
-    params: dict[str, Any] = {"type": kind, "size": kernel_size, "sigma": [sigma_x, sigma_y],
-                              "theta": theta}
+    params: dict[str, Any] = {
+        "type": kind,
+        "size": kernel_size,
+        "sigma": [sigma_x, sigma_y],
+        "theta": theta,
+    }
     if kind.startswith("generalized"):
         params["beta"] = _sample_beta(rng, betag_range)
         kernel = generalized_gaussian_kernel(kernel_size, covariance, params["beta"])

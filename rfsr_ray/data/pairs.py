@@ -53,8 +53,10 @@ def random_crop(
     top = int(rng.integers(0, height - patch_size + 1))
     left = int(rng.integers(0, width - patch_size + 1))
     patch = image[top : top + patch_size, left : left + patch_size]
-    augment = {"hflip": bool(flip and rng.uniform() < 0.5),
-               "rot90": int(rng.integers(0, 4)) if rot90 else 0}
+    augment = {
+        "hflip": bool(flip and rng.uniform() < 0.5),
+        "rot90": int(rng.integers(0, 4)) if rot90 else 0,
+    }
     if augment["hflip"]:
         patch = patch[:, ::-1]
     patch = np.ascontiguousarray(np.rot90(patch, augment["rot90"]))
@@ -69,7 +71,11 @@ def pad_to(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def pairs_from_image(
-    image: np.ndarray, source_id: str, count: int, epoch: int, data: DataConfig,
+    image: np.ndarray,
+    source_id: str,
+    count: int,
+    epoch: int,
+    data: DataConfig,
     degradation: DegradationConfig,
 ) -> list[dict[str, Any]]:
     """`count` pairs from one decoded (H, W, 3) uint8 image."""
@@ -81,18 +87,29 @@ def pairs_from_image(
         patch, box, augment = random_crop(image, data.patch_size, rng, data.flip, data.rot90)
         hr, lr, params = degrade(patch, data.scale, degradation, rng)
         params.update(augment)
-        pairs.append({"hr": hr, "lr": lr, "source_id": source_id, "crop_index": crop_index,
-                      "epoch": epoch, "crop_box": np.asarray(box, dtype=np.int32),
-                      "degradation": json.dumps(params)})
+        pairs.append(
+            {
+                "hr": hr,
+                "lr": lr,
+                "source_id": source_id,
+                "crop_index": crop_index,
+                "epoch": epoch,
+                "crop_box": np.asarray(box, dtype=np.int32),
+                "degradation": json.dumps(params),
+            }
+        )
     return pairs
 
 
 def empty_pair_batch(data: DataConfig) -> dict[str, np.ndarray]:
     size, low = data.patch_size, data.patch_size // data.scale
     return {
-        "hr": np.zeros((0, size, size, 3), np.uint8), "lr": np.zeros((0, low, low, 3), np.uint8),
-        "source_id": np.zeros(0, object), "crop_index": np.zeros(0, np.int64),
-        "epoch": np.zeros(0, np.int64), "crop_box": np.zeros((0, 4), np.int32),
+        "hr": np.zeros((0, size, size, 3), np.uint8),
+        "lr": np.zeros((0, low, low, 3), np.uint8),
+        "source_id": np.zeros(0, object),
+        "crop_index": np.zeros(0, np.int64),
+        "epoch": np.zeros(0, np.int64),
+        "crop_box": np.zeros((0, 4), np.int32),
         "degradation": np.zeros(0, object),
     }
 

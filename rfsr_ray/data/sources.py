@@ -46,8 +46,11 @@ def _png_bytes(image: np.ndarray) -> bytes:
 def _builtin_source(source: SourceConfig) -> ray.data.Dataset:
     names = source.names or BUILTIN_IMAGES
     rows = [
-        {"source_id": f"builtin:{name}", "image_bytes": _png_bytes(builtin_image(name)),
-         "weight": source.weight}
+        {
+            "source_id": f"builtin:{name}",
+            "image_bytes": _png_bytes(builtin_image(name)),
+            "weight": source.weight,
+        }
         for name in names
     ]
     return ray.data.from_items(rows)
@@ -76,8 +79,11 @@ def _folder_source(source: SourceConfig) -> ray.data.Dataset:
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         ids = [_relative_id(str(path), root) for path in batch["path"]]
-        return {"source_id": np.asarray(ids, dtype=object), "image_bytes": batch["bytes"],
-                "weight": np.full(len(ids), weight)}
+        return {
+            "source_id": np.asarray(ids, dtype=object),
+            "image_bytes": batch["bytes"],
+            "weight": np.full(len(ids), weight),
+        }
 
     return dataset.map_batches(to_rows, batch_format="numpy")
 
@@ -103,8 +109,11 @@ def _parquet_source(source: SourceConfig) -> ray.data.Dataset:
             ids = [f"{path}#{value}" for value in batch[id_column]]
         else:  # content hash: stable wherever the file is copied
             ids = [hashlib.sha1(bytes(data or b"")).hexdigest() for data in images]
-        return {"source_id": np.asarray(ids, dtype=object), "image_bytes": images,
-                "weight": np.full(len(ids), weight)}
+        return {
+            "source_id": np.asarray(ids, dtype=object),
+            "image_bytes": images,
+            "weight": np.full(len(ids), weight),
+        }
 
     return dataset.map_batches(to_rows, batch_format="numpy")
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: a small local Ray cluster and generated test images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session. 4 logical CPUs on 2 cores leave room for the
+    data stage beside training workers (a fully reserved cluster would deadlock)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def natural_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
+    """Smooth random colour image with some texture: (H, W, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], -1)
+    noise = rng.normal(0, 0.15, (height, width, 3))
+    return np.clip((base * 0.4 + 0.5 + noise) * 255, 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def bad_image_files(folder: Path, size: int = 96) -> dict[str, tuple[str, ...]]:
+    """Write one file per odd or bad case; returns {file name: expected outcomes}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(natural_image(size, size + 32))
+    good_jpeg = encode(rgb, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    wide16 = (np.asarray(rgb.convert("L"), np.uint16) * 257).astype(np.uint16)
+    files = {
+        "good.png": (encode(rgb, "PNG"), "decoded"),
+        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "skipped_corrupt"),
+        "zero.png": (b"", "skipped_empty_file"),
+        "text.png": (b"this is not an image\n" * 10, "skipped_not_an_image"),
+        "gray16.png": (
+            encode(Image.fromarray(wide16), "PNG"),
+            ("converted_high_bit_depth", "converted_grayscale"),
+        ),
+        "gray.png": (encode(rgb.convert("L"), "PNG"), "converted_grayscale"),
+        "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "converted_alpha_on_white"),
+        "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "converted_cmyk"),
+        "rotated.jpg": (encode(rgb, "JPEG", exif=exif), "converted_exif_oriented"),
+        "palette.png": (encode(rgb.convert("P"), "PNG"), "converted_palette"),
+        "tiny.png": (encode(rgb.resize((16, 16)), "PNG"), "skipped_too_small"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {
+        name: outcome if isinstance(outcome, tuple) else (outcome,)
+        for name, (_, outcome) in files.items()
+    }
