@@ -253,6 +253,17 @@ class StructureLossConfig(StrictModel):
     wavelet: str = Field("haar", description="pywt wavelet name for the DWT, or 'dtcwt'")
     levels: int = Field(3, ge=1, le=8)
 
+    @field_validator("wavelet")
+    @classmethod
+    def _known_wavelet(cls, value: str) -> str:
+        import pywt
+
+        if value != "dtcwt" and value not in pywt.wavelist(kind="discrete"):
+            raise ValueError(
+                f"unknown wavelet {value!r}; use 'dtcwt' or a pywt name like haar, db2"
+            )
+        return value
+
 
 class RewardConfig(StrictModel):
     name: str = Field(description="pyiqa metric name, e.g. gmsd, fsim, clipiqa")

@@ -1,0 +1,151 @@
+"""Differentiable quality rewards (higher is better) and their loss forms.
+
+A reward maps `(sr, hr=None, lr=None, prompt=None)` with images (B, 3, H, W) in [0, 1] to
+(B,) fp32 scores. pyiqa metrics are wrapped by name; `lower_better` metrics are negated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from rfsr_ray.config import RewardConfig
+from rfsr_ray.errors import ConfigError, WeightsError
+
+# pyiqa metrics that need no downloaded weights and have a gradient (checked offline).
+WEIGHT_FREE_DIFFERENTIABLE = (
+    "psnr",
+    "ssim",
+    "fsim",
+    "vsi",
+    "gmsd",
+    "nlpd",
+    "mad",
+    "vif",
+    "cw_ssim",
+)
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    name: str
+    needs_hr: bool
+    differentiable: bool
+    score_range: str | None  # of the higher-is-better score, e.g. "-1, 0" for a negated metric
+
+
+@runtime_checkable
+class Reward(Protocol):
+    info: RewardInfo
+
+    def __call__(
+        self,
+        sr: torch.Tensor,
+        hr: torch.Tensor | None = None,
+        lr: torch.Tensor | None = None,
+        prompt: list[str] | None = None,
+    ) -> torch.Tensor: ...
+
+
+class PyiqaReward(nn.Module):
+    """A pyiqa metric as a higher-is-better differentiable reward."""
+
+    def __init__(self, name: str, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        import pyiqa  # heavy import, only when a reward is actually built
+
+        if name not in pyiqa.list_models():
+            raise ConfigError(
+                f"reward {name!r} is not a pyiqa metric; e.g. one of "
+                f"{', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
+            )
+        try:
+            metric = pyiqa.create_metric(
+                name, as_loss=True, loss_reduction="none", device=torch.device(device)
+            )
+        except Exception as error:  # pyiqa raises many types when weights cannot be fetched
+            raise WeightsError(
+                f"pyiqa metric {name!r} could not be built ({type(error).__name__}: {error}); it "
+                f"probably needs pretrained weights that are not available offline. Weight-free "
+                f"rewards: {', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
+            ) from None
+        self.metric = metric.requires_grad_(False)
+        self.sign = -1.0 if metric.lower_better else 1.0
+        self.info = RewardInfo(
+            name,
+            metric.metric_mode == "FR",
+            True,
+            _flip_range(metric.score_range, metric.lower_better),
+        )
+
+    def forward(
+        self,
+        sr: torch.Tensor,
+        hr: torch.Tensor | None = None,
+        lr: torch.Tensor | None = None,
+        prompt: list[str] | None = None,
+    ) -> torch.Tensor:
+        if self.info.needs_hr:
+            if hr is None:
+                raise ValueError(f"reward {self.info.name!r} is full-reference and needs `hr`")
+            score = self.metric(sr.float(), hr.float())
+        else:
+            score = self.metric(sr.float())
+        return self.sign * score.reshape(sr.shape[0], -1).mean(dim=1).float()
+
+
+def _flip_range(score_range: str | None, lower_better: bool) -> str | None:
+    if score_range is None or not lower_better:
+        return score_range
+    low, _, high = score_range.partition(",")
+    return f"-{high.strip()}, -{low.strip()}"
+
+
+def check_differentiable(reward: Reward, size: int = 64) -> None:
+    """Refuse a reward whose score has no finite, non-zero gradient w.r.t. the SR image."""
+    generator = torch.Generator().manual_seed(0)
+    sr = torch.rand(2, 3, size, size, generator=generator).requires_grad_(True)
+    hr = torch.rand(2, 3, size, size, generator=generator)
+    try:
+        reward(sr, hr=hr).sum().backward()
+    except RuntimeError as error:
+        raise ConfigError(
+            f"reward {reward.info.name!r} has no gradient ({error}); it cannot be optimised. "
+            f"Use a differentiable metric, e.g. {', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
+        ) from None
+    if sr.grad is None or not torch.isfinite(sr.grad).all() or not sr.grad.abs().sum() > 0:
+        raise ConfigError(
+            f"reward {reward.info.name!r} gives no usable gradient (None, zero or non-finite); "
+            "choose a differentiable metric"
+        )
+
+
+class RewardTerm(nn.Module):
+    """One weighted reward loss: `hinge` = relu(margin − r) (the reference's) or `linear` = −r."""
+
+    def __init__(self, reward: Reward, cfg: RewardConfig) -> None:
+        super().__init__()
+        self.reward = reward
+        self.cfg = cfg
+
+    def forward(
+        self,
+        sr: torch.Tensor,
+        hr: torch.Tensor | None = None,
+        lr: torch.Tensor | None = None,
+        prompt: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weighted scalar loss, (B,) detached scores)."""
+        score = self.reward(sr, hr=hr, lr=lr, prompt=prompt)
+        per_sample = torch.relu(self.cfg.margin - score) if self.cfg.form == "hinge" else -score
+        return self.cfg.weight * per_sample.mean(), score.detach()
+
+
+def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardTerm:
+    """A reward term by pyiqa name, refused at build time when it has no gradient."""
+    reward = PyiqaReward(cfg.name, device)
+    check_differentiable(reward)
+    return RewardTerm(reward, cfg)

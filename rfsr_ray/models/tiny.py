@@ -1,0 +1,200 @@
+"""The built-in `tiny` family: a pixel-space conditional diffusion SR model from diffusers parts.
+
+The denoiser is a `UNet2DModel` that sees the noisy HR image concatenated with the bicubic-upsampled
+LR image (6 input channels). Pixels live in [-1, 1]; x_T is pure noise. It exists so the whole
+system runs and is tested on a CPU and so the embedded default has a real base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DModel
+from torch import nn
+
+from rfsr_ray.config import ModelConfig, TinyModelConfig
+from rfsr_ray.errors import WeightsError
+from rfsr_ray.models.diffusion import denoise_target, x0_from_model_output
+
+MODEL_INFO_FILE = "rfsr_model.json"
+
+
+def build_unet(cfg: TinyModelConfig) -> UNet2DModel:
+    depth = len(cfg.block_out_channels)
+    return UNet2DModel(
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        down_block_types=("DownBlock2D",) * depth,
+        up_block_types=("UpBlock2D",) * depth,
+    )
+
+
+def build_scheduler(cfg: TinyModelConfig, sampler: str) -> SchedulerMixin:
+    # clip_sample off: x̂0 must be the plain parameterisation so rewards see the model's real
+    # prediction; "trailing" spacing makes index 0 start at the last training timestep (pure noise).
+    kwargs = {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": cfg.prediction_type,
+        "clip_sample": False,
+        "timestep_spacing": "trailing",
+    }
+    return DDIMScheduler(**kwargs) if sampler == "ddim" else DDPMScheduler(**kwargs)
+
+
+class TinySRModel(nn.Module):
+    """Implements `ISRDiffusionModel` for the tiny pixel-space family."""
+
+    family = "tiny"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, scale: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        self.scale = scale
+        # The frozen original model for the Gram regulariser: a copy taken before any update.
+        self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------------ sampling pieces
+    def condition(self, lr_image: torch.Tensor, prompt: list[str] | None = None) -> torch.Tensor:
+        """Bicubic-upsampled LR in [-1, 1]: (B, 3, H, W)."""
+        size = (lr_image.shape[-2] * self.scale, lr_image.shape[-1] * self.scale)
+        upsampled = F.interpolate(lr_image, size=size, mode="bicubic", align_corners=False)
+        return upsampled.clamp(0, 1) * 2 - 1
+
+    def start_latent(
+        self, condition: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        return torch.randn(
+            condition.shape, generator=generator, device=condition.device, dtype=condition.dtype
+        )
+
+    def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def _denoiser(self, reference: bool) -> UNet2DModel:
+        return self.reference_unet if reference else self.unet
+
+    def model_output(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        reference: bool = False,
+    ) -> torch.Tensor:
+        inputs = torch.cat([latent, condition.to(latent.dtype)], dim=1)
+        return self._denoiser(reference)(inputs, timestep).sample
+
+    @torch.no_grad()
+    def sampler_step(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        generator: torch.Generator | None,
+        reference: bool = False,
+    ) -> torch.Tensor:
+        output = self.model_output(latent, timestep, condition, reference)
+        return self.scheduler.step(output, timestep, latent, generator=generator).prev_sample
+
+    def predict_x0(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        reference: bool = False,
+    ) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
+            output = self.model_output(latent, timestep, condition, reference)
+            return x0_from_model_output(self.scheduler, output, timestep, latent)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        image = (latent + 1) / 2
+        # Straight-through clamp: values in [0, 1], but out-of-range pixels keep their gradient,
+        # so losses can pull a wild x̂0 back instead of seeing a flat zero-gradient region.
+        return image + (image.clamp(0, 1) - image).detach()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lr_image: torch.Tensor,
+        num_inference_steps: int,
+        generator: torch.Generator | None = None,
+        reference: bool = False,
+    ) -> torch.Tensor:
+        condition = self.condition(lr_image)
+        latent = self.start_latent(condition, generator)
+        for timestep in self.set_timesteps(num_inference_steps):
+            latent = self.sampler_step(latent, timestep, condition, generator, reference)
+        return self.decode(latent)
+
+    # ------------------------------------------------------------------ objectives
+    def denoise_loss(
+        self, hr_image: torch.Tensor, lr_image: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        clean = hr_image * 2 - 1
+        noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+        steps = self.scheduler.config.num_train_timesteps
+        timestep = torch.randint(
+            0, steps, (clean.shape[0],), generator=generator, device=clean.device
+        )
+        noisy = self.scheduler.add_noise(clean, noise, timestep)
+        output = self.model_output(noisy, timestep, self.condition(lr_image))
+        target = denoise_target(self.scheduler, clean, noise, timestep)
+        return F.mse_loss(output.float(), target.float())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.unet.save_pretrained(path / "unet")
+        self.scheduler.save_pretrained(path / "scheduler")
+        (path / MODEL_INFO_FILE).write_text(
+            json.dumps({"family": self.family, "scale": self.scale})
+        )
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, sampler: str | None = None) -> TinySRModel:
+        path = Path(path)
+        if not (path / "unet").is_dir():
+            raise WeightsError(
+                f"{str(path)!r} is not a saved tiny model (no unet/ folder); create one with "
+                "`python pipelines/pretrain.py` or set model.pretrained to an exported model"
+            )
+        info = json.loads((path / MODEL_INFO_FILE).read_text())
+        unet = UNet2DModel.from_pretrained(path / "unet")
+        scheduler_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(sampler or "")
+        scheduler = (scheduler_cls or DDIMScheduler).from_pretrained(path / "scheduler")
+        return cls(unet, scheduler, int(info["scale"]))
+
+
+def build_tiny(cfg: ModelConfig, scale: int) -> TinySRModel:
+    """A tiny model from `cfg.pretrained`, or freshly initialised from `cfg.tiny`."""
+    if cfg.pretrained:
+        model = TinySRModel.from_pretrained(cfg.pretrained, cfg.sampler)
+        if model.scale != scale:
+            raise WeightsError(
+                f"model.pretrained={cfg.pretrained!r} is a x{model.scale} model but data.scale="
+                f"{scale}; set data.scale={model.scale} or use a x{scale} model"
+            )
+        return model
+    return TinySRModel(build_unet(cfg.tiny), build_scheduler(cfg.tiny, cfg.sampler), scale)

@@ -1,0 +1,253 @@
+"""One RFSR (or denoising) optimisation step, independent of Ray.
+
+`rfsr_loss` is METHOD.md section 2: reach the latent at the sampled index (trajectory or one-step
+mode), predict x̂0 with gradient, decode, and apply the losses active at that index.
+`optimizer_step` wraps micro-batches, accumulation, clipping, the non-finite guard and EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from rfsr_ray.config import RFSRConfig, TrainConfig
+from rfsr_ray.errors import TrainingError
+from rfsr_ray.losses.objective import RFSRLosses
+from rfsr_ray.models.protocol import ISRDiffusionModel
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """lr_image (B, 3, h, w) and hr_image (B, 3, h·s, w·s), float in [0, 1]."""
+
+    lr_image: torch.Tensor
+    hr_image: torch.Tensor
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar with gradient
+    terms: dict[str, torch.Tensor]  # detached per-term values
+    index: int | None  # sampler index used (None for the denoising objective)
+
+
+def autocast_for(precision: str, device: torch.device) -> Autocast:
+    """A context factory: autocast in fp16/bf16 for the model, or nothing for `no`."""
+    if precision == "no":
+        return contextlib.nullcontext
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def latent_at_index(
+    model: ISRDiffusionModel,
+    condition: object,
+    timesteps: torch.Tensor,
+    index: int,
+    mode: str,
+    generator: torch.Generator | None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> torch.Tensor:
+    """x_t at sampler index `index`: the real sampler run without gradient from x_T (trajectory
+    mode, ReFL) or x_T itself whatever the index (one_step mode, the reference code's)."""
+    latent = model.start_latent(condition, generator)
+    if mode == "trajectory":
+        with torch.no_grad(), autocast():
+            for timestep in timesteps[:index]:
+                latent = model.sampler_step(latent, timestep, condition, generator)
+    return latent
+
+
+def rfsr_loss(
+    model: ISRDiffusionModel,
+    losses: RFSRLosses,
+    batch: Batch,
+    index: int,
+    cfg: RFSRConfig,
+    generator: torch.Generator | None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> StepOutput:
+    """RFSR loss at sampler index `index` (0 = noisiest)."""
+    condition = model.condition(batch.lr_image)
+    timesteps = model.set_timesteps(cfg.schedule.num_inference_steps)
+    latent = latent_at_index(
+        model, condition, timesteps, index, cfg.schedule.mode, generator, autocast
+    )
+    timestep = timesteps[index]
+    with autocast():
+        sr_image = model.decode(model.predict_x0(latent, timestep, condition))
+    reference = None
+    if losses.needs_reference and "gram" in losses.windows.active(index):
+        with torch.no_grad(), autocast():
+            reference = model.decode(model.predict_x0(latent, timestep, condition, reference=True))
+    total, terms = losses(index, sr_image, batch.hr_image, batch.lr_image, reference)
+    return StepOutput(total, terms, index)
+
+
+def denoise_loss(
+    model: ISRDiffusionModel,
+    batch: Batch,
+    generator: torch.Generator | None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> StepOutput:
+    with autocast():
+        loss = model.denoise_loss(batch.hr_image, batch.lr_image, generator)
+    loss = loss.float()
+    return StepOutput(loss, {"loss_denoise": loss.detach()}, None)
+
+
+def build_optimizer(
+    parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW plus the LR schedule (constant or cosine, both with linear warm-up)."""
+    optimizer = torch.optim.AdamW(
+        parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine"
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+    )
+    return optimizer, scheduler
+
+
+def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMAModel:
+    """EMA of the trainable parameters, moving toward the trained weights each step.
+
+    diffusers' EMAModel with a fixed decay (no warm-up): shadow ← d·shadow + (1−d)·param,
+    d = min(ema_decay, (1 + n) / (10 + n)) after n updates (its standard bias correction).
+    """
+    return EMAModel(parameters, decay=cfg.ema_decay, min_decay=0.0, use_ema_warmup=False)
+
+
+@dataclass
+class TrainState:
+    model: ISRDiffusionModel
+    losses: RFSRLosses | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel
+    index_rng: np.random.Generator
+    generator: torch.Generator
+    step: int = 0  # optimiser step attempts, including skipped non-finite ones
+    skipped_steps: int = 0
+    nonfinite_streak: int = 0
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    terms: dict[str, float]
+    indices: list[int]
+    grad_norm: float
+    skipped: bool
+    lr: float
+
+
+def _micro_losses(
+    state: TrainState,
+    micro_batches: Sequence[Batch],
+    cfg: RFSRConfig,
+    autocast: Autocast,
+    no_sync: Callable[[], contextlib.AbstractContextManager],
+) -> Iterator[StepOutput]:
+    last = len(micro_batches) - 1
+    for position, batch in enumerate(micro_batches):
+        if cfg.train.objective == "rfsr":
+            assert state.losses is not None  # built for the rfsr objective
+            index = state.losses.windows.sample(state.index_rng)
+            output = rfsr_loss(
+                state.model, state.losses, batch, index, cfg, state.generator, autocast
+            )
+        else:
+            output = denoise_loss(state.model, batch, state.generator, autocast)
+        # Gradients are all-reduced only on the last micro-batch (DDP no_sync on the others).
+        with no_sync() if position < last else contextlib.nullcontext():
+            (output.loss / len(micro_batches)).backward()
+        yield output
+
+
+def optimizer_step(
+    state: TrainState,
+    micro_batches: Sequence[Batch],
+    cfg: RFSRConfig,
+    autocast: Autocast = contextlib.nullcontext,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> StepResult:
+    """Accumulate gradients over `micro_batches`, clip, then update weights, LR and EMA.
+
+    A non-finite loss or gradient norm on any rank skips the update on every rank (so DDP replicas
+    stay identical); `train.max_nonfinite_steps` consecutive skips raise `TrainingError`.
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    outputs = list(_micro_losses(state, micro_batches, cfg, autocast, no_sync))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip))
+    state.step += 1
+    lr = state.optimizer.param_groups[0]["lr"]
+    finite = np.isfinite(grad_norm) and all(torch.isfinite(o.loss).item() for o in outputs)
+    skipped = _any_rank(not finite)
+    if skipped:
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        state.nonfinite_streak += 1
+        if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+            raise TrainingError(
+                f"{state.nonfinite_streak} consecutive optimiser steps had non-finite gradients "
+                f"(step {state.step}); lower train.lr, use train.mixed_precision=bf16 or no, or "
+                "check the data. The last good checkpoint is kept"
+            )
+    else:
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.ema.step(state.params)
+        state.nonfinite_streak = 0
+    return StepResult(
+        _mean_terms(outputs),
+        [o.index for o in outputs if o.index is not None],
+        grad_norm,
+        skipped,
+        lr,
+    )
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any DDP rank (just `flag` outside torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _mean_terms(outputs: Sequence[StepOutput]) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for output in outputs:
+        sums.setdefault("loss", []).append(float(output.loss.detach()))
+        for name, value in output.terms.items():
+            sums.setdefault(name, []).append(float(value))
+    return {name: float(np.mean(values)) for name, values in sums.items()}
+
+
+def build_state(
+    cfg: RFSRConfig, model: ISRDiffusionModel, device: torch.device, rank: int = 0
+) -> TrainState:
+    """Losses, optimiser, LR schedule, EMA and per-rank seeded generators for `model`."""
+    params = model.trainable_parameters()
+    losses = RFSRLosses(cfg, device) if cfg.train.objective == "rfsr" else None
+    optimizer, lr_scheduler = build_optimizer(params, cfg.train)
+    ema = build_ema(params, cfg.train)
+    ema.to(device)
+    # Each rank draws its own indices and noise; the pair (seed, rank) makes a run reproducible.
+    index_rng = np.random.default_rng([cfg.train.seed, rank])
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+    return TrainState(
+        model, losses, optimizer, lr_scheduler, ema, index_rng, generator, params=params
+    )

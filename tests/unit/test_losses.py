@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_wavelets import DTCWTForward
+
+from rfsr_ray.config import GramLossConfig, RewardConfig, StructureLossConfig
+from rfsr_ray.errors import ConfigError, WeightsError
+from rfsr_ray.losses.gram import GramRegulariser, VGGFeatures, gram_matrix
+from rfsr_ray.losses.rewards import PyiqaReward, build_reward
+from rfsr_ray.losses.structure import StructureLoss
+
+
+def smooth_image(seed: int = 0, size: int = 64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(2, 3, size // 8, size // 8, generator=generator)
+    return F.interpolate(coarse, size=(size, size), mode="bilinear").clamp(0, 1)
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "dtcwt"])
+def test_structure_loss_sees_low_not_high_frequencies(wavelet):
+    loss = StructureLoss(StructureLossConfig(wavelet=wavelet, levels=3))
+    image = smooth_image()
+    assert float(loss(image, image)) == 0.0
+    brighter = loss(image.add(0.1), image)  # a low-frequency change
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2 - 1
+    noisy = loss(image + 0.1 * checker, image)  # same amplitude, highest frequency
+    assert float(brighter) > 0.05
+    assert float(noisy) < 0.05 * float(brighter)
+
+
+def test_dtcwt_equals_direct_library_computation():
+    loss = StructureLoss(StructureLossConfig(wavelet="dtcwt", levels=3))
+    sr, hr = smooth_image(0), smooth_image(1)
+    transform = DTCWTForward(J=3, biort="near_sym_b", qshift="qshift_b")
+    expected = (transform(sr)[0] - transform(hr)[0]).abs().mean()
+    torch.testing.assert_close(loss(sr, hr), expected)
+
+
+def gram_config(variant: str) -> GramLossConfig:
+    return GramLossConfig(variant=variant, allow_random_vgg=True)
+
+
+def test_gram_l1_equals_direct_computation():
+    regulariser = GramRegulariser(gram_config("l1"))
+    sr, ref = smooth_image(0), smooth_image(1)
+    expected = torch.zeros(2)
+    for weight, a, b in zip(
+        (0.1, 0.1, 1, 1, 1), regulariser.features(sr), regulariser.features(ref), strict=True
+    ):
+        c, h, w = a.shape[1:]
+        na = F.layer_norm(a, a.shape[1:]).reshape(2, c, h * w)
+        nb = F.layer_norm(b, b.shape[1:]).reshape(2, c, h * w)
+        ga, gb = na @ na.transpose(1, 2) / (c * h * w), nb @ nb.transpose(1, 2) / (c * h * w)
+        expected += weight * (ga - gb).abs().mean(dim=(1, 2))
+    torch.testing.assert_close(regulariser(sr, ref), expected.mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_gram_kl_nonnegative_and_zero_for_identical():
+    regulariser = GramRegulariser(gram_config("kl"))
+    sr, ref = smooth_image(0), smooth_image(1)
+    assert float(regulariser(sr, sr)) == pytest.approx(0.0, abs=1e-7)
+    assert float(regulariser(sr, ref)) > 0
+
+
+def test_gram_matrix_shape_and_fp32():
+    features = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    gram = gram_matrix(features)
+    assert gram.shape == (2, 8, 8) and gram.dtype == torch.float32
+    torch.testing.assert_close(gram, gram.transpose(1, 2))
+
+
+def test_vgg_pre_relu_features_keep_negative_values():
+    features = VGGFeatures(gram_config("l1"))(smooth_image())
+    assert len(features) == 5 and all((f < 0).any() for f in features)
+
+
+def test_missing_vgg_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="allow_random_vgg"):
+        VGGFeatures(GramLossConfig())
+    with pytest.raises(WeightsError, match="does not exist"):
+        VGGFeatures(GramLossConfig(vgg_weights=str(tmp_path / "nope.pth")))
+
+
+def test_vgg_weights_load_from_a_torchvision_state_dict(tmp_path):
+    from torchvision.models import vgg19
+
+    state = vgg19(weights=None).state_dict()
+    torch.save(state, tmp_path / "vgg19.pth")
+    features = VGGFeatures(GramLossConfig(vgg_weights=str(tmp_path / "vgg19.pth")))
+    assert not features.random_weights
+    torch.testing.assert_close(features.trunk[2].weight, state["features.2.weight"])
+
+
+def test_lower_better_metric_is_turned_into_a_reward_that_ascends():
+    reward = PyiqaReward("gmsd")  # gmsd: lower is better
+    assert reward.info.needs_hr and reward.info.name == "gmsd"
+    hr = smooth_image(0)
+    sr = (hr + 0.2 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    sr.requires_grad_(True)
+    optimiser = torch.optim.Adam([sr], lr=0.01)
+    start = float(reward(sr, hr=hr).mean())
+    for _ in range(10):
+        optimiser.zero_grad()
+        (-reward(sr, hr=hr).mean()).backward()
+        optimiser.step()
+    assert float(reward(sr, hr=hr).mean()) > start + 0.01
+
+
+@pytest.mark.parametrize("form", ["hinge", "linear"])
+def test_reward_loss_forms(form):
+    term = build_reward(RewardConfig(name="ssim", weight=0.5, form=form, margin=2.0))
+    hr = smooth_image()
+    loss, score = term(hr, hr=hr)
+    expected = 0.5 * ((2.0 - score).clamp(min=0) if form == "hinge" else -score).mean()
+    torch.testing.assert_close(loss, expected)
+    assert score.shape == (2,)
+
+
+@pytest.mark.parametrize("name", ["piqe", "entropy"])
+def test_non_differentiable_metric_is_refused(name):
+    with pytest.raises(ConfigError, match="gradient"):
+        build_reward(RewardConfig(name=name))
+
+
+def test_unknown_metric_is_refused():
+    with pytest.raises(ConfigError, match="not a pyiqa metric"):
+        build_reward(RewardConfig(name="not_a_metric"))
