@@ -59,8 +59,8 @@ class VGGFeatures(nn.Module):
             raise WeightsError(
                 f"VGG19 weights for the Gram regulariser not found (no losses.gram.vgg_weights, no "
                 f"$TORCH_HOME/hub/checkpoints/{VGG19_FILE}). Copy torchvision's {VGG19_FILE} "
-                "there, set losses.gram.vgg_weights, or set losses.gram.allow_random_vgg=true to run "
-                "with seeded random features"
+                "there, set losses.gram.vgg_weights, or set losses.gram.allow_random_vgg=true to "
+                "run with seeded random features"
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
