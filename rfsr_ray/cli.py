@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,14 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+
+
+def local_cpus(cfg: RFSRConfig) -> int:
+    """Logical CPUs for a local cluster: the training workers' reservation plus room for the data
+    stage. Without that room, workers holding every CPU starve Ray Data and the job hangs."""
+    cores = os.cpu_count() or 1
+    training = cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(cores, math.ceil(training + 2 * cfg.data.num_cpus))
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -238,6 +238,11 @@ class TinyModelConfig(StrictModel):
 class ModelConfig(StrictModel):
     family: Literal["tiny"] = "tiny"
     pretrained: str | None = Field(None, description="directory of a saved model to start from")
+    pretrain_config: str | None = Field(
+        None,
+        description="if `pretrained` does not exist yet, make it with pipelines/pretrain.py "
+        "and this config (first use), then reuse it",
+    )
     sampler: Literal["ddim", "ddpm"] = "ddim"
     tiny: TinyModelConfig = TinyModelConfig()
 
@@ -380,6 +385,8 @@ class RFSRConfig(StrictModel):
     @model_validator(mode="after")
     def _windows_inside_schedule(self) -> RFSRConfig:
         steps = self.schedule.num_inference_steps
+        if self.train.objective != "rfsr":
+            return self  # the loss windows only matter to RFSR fine-tuning
         for name in ("structure", "reward", "gram"):
             low, high = getattr(self.losses, name).window
             if self.schedule.split is None and not 0 <= low <= high < steps:
@@ -464,7 +471,7 @@ def _format_error(error: ValidationError) -> str:
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling against `--print-config`"
-        lines.append(f"  {loc or '<root>'}={bad}: {msg}")
+        lines.append(f"  {loc}={bad}: {msg}" if loc else f"  {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 

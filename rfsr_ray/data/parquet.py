@@ -25,6 +25,7 @@ from PIL import Image
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.data.pipeline import PairPipeline, raise_if_empty
 from rfsr_ray.errors import DataError
+from rfsr_ray.images import image_grid
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -120,15 +121,12 @@ def _replace(staging: Path, final: Path) -> None:
 
 
 def preview_grid(lr_images: list[np.ndarray], hr_images: list[np.ndarray]) -> np.ndarray:
-    """Rows of [LR bicubic-upscaled | HR], separated by a white gutter: (H, W, 3) uint8."""
-    gutter = 4
+    """Rows of [LR bicubic-upscaled | HR]: (H, W, 3) uint8."""
     rows = []
     for lr, hr in zip(lr_images, hr_images, strict=True):
         up = cv2.resize(lr, (hr.shape[1], hr.shape[0]), interpolation=cv2.INTER_CUBIC)
-        spacer = np.full((hr.shape[0], gutter, 3), 255, np.uint8)
-        rows.append(np.concatenate([up, spacer, hr], axis=1))
-        rows.append(np.full((gutter, rows[-1].shape[1], 3), 255, np.uint8))
-    return np.concatenate(rows[:-1], axis=0)
+        rows.append([up, hr])
+    return image_grid(rows)
 
 
 def write_preview(pair_set: str | Path, out_path: str | Path, rows: int) -> Path:

@@ -192,7 +192,7 @@ def optimizer_step(
     state.step += 1
     lr = state.optimizer.param_groups[0]["lr"]
     finite = np.isfinite(grad_norm) and all(torch.isfinite(o.loss).item() for o in outputs)
-    skipped = _any_rank(not finite)
+    skipped = any_rank(not finite)
     if skipped:
         state.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
@@ -217,7 +217,7 @@ def optimizer_step(
     )
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True when `flag` is true on any DDP rank (just `flag` outside torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag

@@ -1,0 +1,76 @@
+"""RFSR fine-tuning of a diffusion SR model on Ray Train, tracked in MLflow.
+
+python pipelines/finetune.py --config configs/demo.yaml [key.sub=value ...]
+ray job submit --working-dir . -- python pipelines/finetune.py --config configs/finetune/…
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rfsr_ray.cli import init_ray, local_cpus, run_main
+from rfsr_ray.config import RFSRConfig, load_config
+from rfsr_ray.errors import ConfigError
+from rfsr_ray.tracking.mlflow_run import ui_command
+from rfsr_ray.train.driver import TrainingOutcome, run_training
+
+log = logging.getLogger("rfsr_ray.finetune")
+
+
+def ensure_base_model(cfg: RFSRConfig) -> None:
+    """Pretrain the base on first use when `model.pretrained` is missing and a recipe is given."""
+    target = cfg.model.pretrained
+    if target is None or Path(target).exists() or cfg.model.pretrain_config is None:
+        return
+    log.info(
+        "base model %s not found: pretraining it with %s (first use only)",
+        target,
+        cfg.model.pretrain_config,
+    )
+    recipe = load_config(cfg.model.pretrain_config)
+    if recipe.train.objective != "denoise":
+        raise ConfigError(
+            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.objective: denoise"
+        )
+    outcome = run_training(recipe)
+    shutil.copytree(outcome.run_dir / "model", target)
+
+
+def report(outcome: TrainingOutcome) -> None:
+    print(f"\nrun folder: {outcome.run_dir} (exported model: {outcome.run_dir / 'model'})")
+    if outcome.table:
+        print("\nheld-out validation, base vs fine-tuned (EMA):\n" + outcome.table)
+    if outcome.run is not None:
+        print(
+            f"\nMLflow run {outcome.run.run_id}; open it with:\n  "
+            f"{ui_command(outcome.run.tracking_uri)}"
+        )
+
+
+def finetune(cfg: RFSRConfig) -> int:
+    if cfg.train.objective != "rfsr":
+        raise ConfigError(
+            "pipelines/finetune.py runs train.objective=rfsr; use "
+            "pipelines/pretrain.py for the denoise objective"
+        )
+    if cfg.model.pretrained is None:
+        raise ConfigError(
+            "model.pretrained is not set: RFSR fine-tunes an existing model; give "
+            "its folder, or set model.pretrain_config to create one first"
+        )
+    init_ray(local_cpus(cfg))
+    ensure_base_model(cfg)
+    report(run_training(cfg))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(finetune, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

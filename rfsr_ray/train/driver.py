@@ -1,0 +1,144 @@
+"""Driver side of a training run: data, validation set, MLflow run, TorchTrainer, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from rfsr_ray.config import RFSRConfig
+from rfsr_ray.data.parquet import read_pair_dataset
+from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_empty
+from rfsr_ray.data.sources import read_sources
+from rfsr_ray.errors import DataError, TrainingError
+from rfsr_ray.tracking import mlflow_run
+from rfsr_ray.train.checkpoint import Progress, read_progress
+from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
+from rfsr_ray.train.validate import ValidationSet
+
+log = logging.getLogger("rfsr_ray.train")
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    run_dir: Path
+    run: mlflow_run.RunHandle | None
+    steps: int
+    table: str | None
+    data_counts: dict[str, int]
+
+
+def run_dir_of(cfg: RFSRConfig) -> Path:
+    return Path(cfg.output.storage_path).resolve() / cfg.output.run_name
+
+
+def latest_progress(run_dir: Path) -> Progress | None:
+    """Progress of the newest complete checkpoint of a previous run with the same name."""
+    found = [p for p in (read_progress(f) for f in sorted(run_dir.glob("checkpoint_*"))) if p]
+    return max(found, key=lambda p: p.step) if found else None
+
+
+def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
+    """`data.val_pairs` (a prepared Parquet set) or pairs made from `data.val_source`."""
+    if cfg.data.val_pairs:
+        rows = read_pair_dataset(cfg.data.val_pairs).take(cfg.data.val_size)
+    elif cfg.data.val_source is not None:
+        # Held-out pairs from another seed, so they never coincide with training crops.
+        data = cfg.data.model_copy(update={"seed": cfg.data.seed + 7919, "pad_small": True})
+        pipeline = build_pair_dataset(data, cfg.degradation, sources=(cfg.data.val_source,))
+        rows = pipeline.dataset.take(cfg.data.val_size)
+    else:
+        log.warning("no data.val_source or data.val_pairs: validation is off for this run")
+        return None
+    if not rows:
+        raise DataError("the validation set is empty; check data.val_source / data.val_pairs")
+    return ValidationSet(np.stack([r["lr"] for r in rows]), np.stack([r["hr"] for r in rows]))
+
+
+def epochs_needed(cfg: RFSRConfig, start_epoch: int) -> range:
+    """Enough data epochs for the remaining steps (each epoch draws fresh degradations)."""
+    images = read_sources(cfg.data.sources).count()
+    weights = np.mean([s.weight for s in cfg.data.sources])
+    per_epoch = max(1.0, images * cfg.data.crops_per_image * weights)
+    train = cfg.train
+    pairs = train.steps * train.batch_size * train.grad_accum * max(1, train.num_workers)
+    # Margin: workers' shards are not always equal and local shuffling holds rows back.
+    return range(start_epoch, start_epoch + math.ceil(1.25 * pairs / per_epoch) + 1)
+
+
+def build_trainer(cfg: RFSRConfig, context: LoopContext, dataset: ray.data.Dataset) -> TorchTrainer:
+    train = cfg.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "context": context},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.output.run_name,
+            storage_path=str(Path(cfg.output.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def run_training(cfg: RFSRConfig) -> TrainingOutcome:
+    """Fit (or resume) the run `output.run_name` under `output.storage_path`."""
+    run_dir = run_dir_of(cfg)
+    previous = latest_progress(run_dir)
+    if previous is not None:
+        log.info("resuming %s from step %d", run_dir, previous.step)
+    run = None
+    if cfg.tracking.enabled:
+        run = mlflow_run.start_run(
+            cfg,
+            cfg.output.run_name,
+            previous.run_id if previous else None,
+            tags={"objective": cfg.train.objective},
+        )
+    # A resumed run continues with the next data epoch: fresh degradations, none repeated.
+    start_epoch = previous.data_epoch + 1 if previous else 0
+    pipeline = build_pair_dataset(cfg.data, cfg.degradation, epochs_needed(cfg, start_epoch))
+    context = LoopContext(str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    try:
+        # Only tensor columns go to torch; ids and degradation JSON stay in the Parquet sets.
+        dataset = pipeline.dataset.select_columns(["hr", "lr", "epoch"])
+        result = build_trainer(cfg, context, dataset).fit()
+    except Exception as error:  # Ray wraps worker errors; surface the cause plainly
+        if run is not None:
+            mlflow_run.end_run(run, "FAILED")
+        raise TrainingError(
+            f"training run {cfg.output.run_name!r} failed: {_cause(error)}"
+        ) from error
+    counts = pipeline.counts()
+    if previous is None:
+        raise_if_empty(counts, "training data")
+    log.info("data pipeline outcomes:\n%s", format_counts(counts))
+    if run is not None:
+        mlflow_run.end_run(run)
+    table_file = run_dir / "final_table.md"
+    steps = int((result.metrics or {}).get("step", previous.step if previous else 0))
+    return TrainingOutcome(
+        run_dir, run, steps, table_file.read_text() if table_file.is_file() else None, counts
+    )
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a chain of wrapped exceptions."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,308 @@
+"""The per-worker training loop for both objectives (`denoise` and `rfsr`) on Ray Train.
+
+Everything arrives as arguments (`config["cfg"]`, `config["context"]`); nothing is read from the
+driver's globals. Every worker reports at the same steps; only rank 0 attaches checkpoints, logs
+to MLflow, validates and exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from PIL import Image
+
+from rfsr_ray.config import RFSRConfig
+from rfsr_ray.images import to_tensor
+from rfsr_ray.models import build_model
+from rfsr_ray.tracking import mlflow_run
+from rfsr_ray.train.checkpoint import Progress, load_checkpoint, save_checkpoint, unwrap
+from rfsr_ray.train.step import (
+    Batch,
+    TrainState,
+    any_rank,
+    autocast_for,
+    build_state,
+    optimizer_step,
+)
+from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table
+
+log = logging.getLogger("rfsr_ray.train")
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What the driver hands every worker besides the config (must stay picklable)."""
+
+    run_dir: str  # absolute; validation grids, the exported model and tables go here
+    run: mlflow_run.RunHandle | None = None
+    val_set: ValidationSet | None = None
+    data_stats: Any = None  # ActorHandle[PipelineStats] of the training pipeline
+    start_epoch: int = 0
+
+
+@dataclass
+class Timing:
+    data_seconds: float = 0.0
+    total_seconds: float = 0.0
+    samples: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.data_seconds = self.total_seconds = 0.0
+        self.samples = 0
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+
+
+def _batches(shard: Any, cfg: RFSRConfig) -> Iterator[tuple[Batch, int] | None]:
+    """(batch, data epoch) from this worker's shard; None marks the end of one pass."""
+    shuffle = 4 * cfg.train.batch_size if cfg.data.shuffle else None
+    while True:
+        for rows in shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, prefetch_batches=2, local_shuffle_buffer_size=shuffle
+        ):
+            yield Batch(to_tensor(rows["lr"]), to_tensor(rows["hr"])), int(rows["epoch"].max())
+        yield None
+
+
+def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]:
+    """The next batch; when any rank's pass ends, every rank starts a new pass together (a rank
+    waiting alone for data would deadlock the others inside DDP's all-reduce)."""
+    item = next(stream)
+    while any_rank(item is None):
+        log.warning("training data pass ended before train.steps; starting another pass")
+        while item is not None:  # drop this rank's remainder so all ranks restart in step
+            item = next(stream)
+        item = next(stream)
+    return item
+
+
+def _wrap_for_ddp(state: TrainState) -> contextlib.AbstractContextManager:
+    """Wrap trainable modules in DDP (no-op for one worker); returns a no_sync context factory."""
+    wrapped = []
+    for name, module in state.model.trainable_modules().items():
+        prepared = ray.train.torch.prepare_model(module, move_to_device=False)
+        setattr(state.model, name, prepared)
+        wrapped.append(prepared)
+
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for module in wrapped:
+                if hasattr(module, "no_sync"):
+                    stack.enter_context(module.no_sync())
+            yield
+
+    return no_sync
+
+
+def _unwrap_modules(state: TrainState) -> None:
+    for name, module in state.model.trainable_modules().items():
+        setattr(state.model, name, unwrap(module))
+
+
+@contextlib.contextmanager
+def ema_weights(state: TrainState) -> Iterator[None]:
+    """Temporarily load the EMA weights into the trainable parameters."""
+    state.ema.store(state.params)
+    state.ema.copy_to(state.params)
+    try:
+        yield
+    finally:
+        state.ema.restore(state.params)
+
+
+def _restore(state: TrainState, cfg: RFSRConfig, rank: int, progress: Progress) -> Progress:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return progress
+    with checkpoint.as_directory() as folder:
+        restored = load_checkpoint(Path(folder), state)
+    if rank != 0:  # the checkpoint holds rank 0's generators; other ranks draw their own
+        state.index_rng = np.random.default_rng([cfg.train.seed, rank, restored.step])
+        state.generator.manual_seed(cfg.train.seed * 1_000_003 + rank + restored.step)
+    log.info(
+        "rank %d resumed at step %d (after data epoch %d)", rank, restored.step, restored.data_epoch
+    )
+    return restored
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: RFSRConfig = config["cfg"]
+    context: LoopContext = config["context"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed, rank)
+    model = build_model(cfg.model, cfg.data.scale)
+    model.to(device)
+    state = build_state(cfg, model, device, rank)
+    progress = _restore(
+        state,
+        cfg,
+        rank,
+        Progress(
+            run_id=context.run.run_id if context.run else None, data_epoch=context.start_epoch
+        ),
+    )
+    no_sync = _wrap_for_ddp(state)
+    autocast = autocast_for(cfg.train.mixed_precision, device)
+    validator = None
+    if rank == 0 and context.val_set is not None:
+        validator = Validator(cfg, context.val_set, state.losses, device)
+        if state.step == 0:
+            _validate(state, validator, context, cfg)
+    _train(state, cfg, context, progress, rank, validator, autocast, no_sync)
+    _unwrap_modules(state)
+    if rank == 0:
+        _finish(state, validator, context, cfg)
+
+
+def _train(
+    state: TrainState,
+    cfg: RFSRConfig,
+    context: LoopContext,
+    progress: Progress,
+    rank: int,
+    validator: Validator | None,
+    autocast: Any,
+    no_sync: Any,
+) -> None:
+    stream = _batches(ray.train.get_dataset_shard("train"), cfg)
+    timing = Timing()
+    while state.step < cfg.train.steps:
+        started = time.perf_counter()
+        micro_batches = []
+        for _ in range(cfg.train.grad_accum):
+            batch, epoch = _next_batch(stream)
+            progress.data_epoch = max(progress.data_epoch, epoch)
+            micro_batches.append(batch)
+        timing.data_seconds += time.perf_counter() - started
+        result = optimizer_step(state, micro_batches, cfg, autocast, no_sync)
+        timing.total_seconds += time.perf_counter() - started
+        timing.samples += sum(len(b.lr_image) for b in micro_batches)
+        _record(result, timing, state, cfg, context, rank)
+        _report(state, cfg, context, progress, rank, validator)
+
+
+def _record(
+    result: Any, timing: Timing, state: TrainState, cfg: RFSRConfig, context: LoopContext, rank: int
+) -> None:
+    for name, value in result.terms.items():
+        timing.history.setdefault(name, []).append(value)
+    if state.step % cfg.train.log_every and state.step != cfg.train.steps:
+        return
+    metrics = {name: float(np.mean(values)) for name, values in timing.history.items()}
+    metrics.update(
+        {
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "samples_per_s": timing.samples / max(timing.total_seconds, 1e-9),
+            "data_wait_fraction": timing.data_seconds / max(timing.total_seconds, 1e-9),
+            "skipped_steps": state.skipped_steps,
+        }
+    )
+    if result.indices:
+        metrics["timestep_index"] = float(np.mean(result.indices))
+    timing.history.clear()
+    timing.reset()
+    if rank != 0:
+        return
+    if context.data_stats is not None:
+        counts = ray.get(context.data_stats.snapshot.remote())
+        metrics.update({f"data_{k}": v for k, v in counts.items()})
+    log.info(
+        "step %d: %s",
+        state.step,
+        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("data_")),
+    )
+    if context.run is not None:
+        mlflow_run.log_metrics(context.run, metrics, state.step)
+
+
+def _report(
+    state: TrainState,
+    cfg: RFSRConfig,
+    context: LoopContext,
+    progress: Progress,
+    rank: int,
+    validator: Validator | None,
+) -> None:
+    """Validation and checkpoint steps: every rank reports, rank 0 attaches the checkpoint."""
+    last = state.step >= cfg.train.steps
+    validate_now = last or state.step % cfg.train.validate_every == 0
+    checkpoint_now = last or state.step % cfg.train.checkpoint_every == 0
+    if not (validate_now or checkpoint_now):
+        return
+    metrics: dict[str, float] = {"step": state.step}
+    if validate_now and validator is not None:
+        metrics.update(_validate(state, validator, context, cfg))
+    if not checkpoint_now:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = None
+        if rank == 0:
+            folder = save_checkpoint(Path(scratch) / "checkpoint", state, progress, cfg)
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:08d}"
+        )
+
+
+def _validate(
+    state: TrainState, validator: Validator, context: LoopContext, cfg: RFSRConfig
+) -> dict[str, float]:
+    base = validator.base(state.model)
+    with ema_weights(state):
+        current, grid = validator.run(state.model)
+    metrics = {f"val_{k}": v for k, v in current.items()}
+    metrics.update({f"val_{k}_gain": current[k] - base[k] for k in current if k in base})
+    grid_path = Path(context.run_dir) / "validation" / f"grid_step_{state.step:08d}.png"
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(grid_path)
+    log.info(
+        "validation at step %d: %s",
+        state.step,
+        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+    )
+    if context.run is not None:
+        mlflow_run.log_metrics(context.run, metrics, state.step)
+        if state.step == 0:
+            mlflow_run.log_metrics(context.run, {f"base_{k}": v for k, v in base.items()}, 0)
+        mlflow_run.log_artifact(context.run, grid_path, "validation")
+    return metrics
+
+
+def _finish(
+    state: TrainState, validator: Validator | None, context: LoopContext, cfg: RFSRConfig
+) -> None:
+    """Export the EMA model and write the base-vs-fine-tuned table (rank 0)."""
+    run_dir = Path(context.run_dir)
+    export = run_dir / "model"
+    with ema_weights(state):
+        state.model.save(export)
+    cfg.save(export / "config.yaml")
+    if context.run is not None:
+        mlflow_run.log_artifact(context.run, export, "model")
+    if validator is None or validator.last is None:
+        return
+    table = comparison_table(validator.base(state.model), validator.last)
+    (run_dir / "final_table.md").write_text(table + "\n")
+    if context.run is not None:
+        mlflow_run.log_artifact(context.run, run_dir / "final_table.md")

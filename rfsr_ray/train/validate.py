@@ -1,0 +1,118 @@
+"""Validation on a fixed held-out pair set: full N-step sampling of the EMA model, fidelity
+metrics, every configured reward, the Gram distance to the base model, and a sample grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rfsr_ray.config import RFSRConfig
+from rfsr_ray.images import image_grid, to_tensor, to_uint8
+from rfsr_ray.losses.objective import RFSRLosses
+from rfsr_ray.models.protocol import ISRDiffusionModel
+
+# Direction of each validation metric, for tables (↑ higher is better).
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "gram_to_base": False}
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """lr: uint8 (N, h, w, 3); hr: uint8 (N, h·s, w·s, 3)."""
+
+    lr: np.ndarray
+    hr: np.ndarray
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensor(self.lr, device), to_tensor(self.hr, device)
+
+
+class Validator:
+    """Computes validation metrics; the base model's outputs are sampled once and cached."""
+
+    def __init__(
+        self,
+        cfg: RFSRConfig,
+        val_set: ValidationSet,
+        losses: RFSRLosses | None,
+        device: torch.device,
+    ) -> None:
+        import pyiqa
+
+        self.cfg = cfg
+        self.lr, self.hr = val_set.tensors(device)
+        self.device = device
+        self.psnr = pyiqa.create_metric(
+            "psnr", test_y_channel=True, color_space="ycbcr", device=device
+        )
+        self.ssim = pyiqa.create_metric(
+            "ssim", test_y_channel=True, color_space="ycbcr", device=device
+        )
+        self.rewards = list(losses.rewards) if losses is not None else []
+        self.gram = losses.gram if losses is not None else None
+        self.base_sr: torch.Tensor | None = None
+        self.last: dict[str, float] | None = None  # metrics of the latest `run`
+
+    def _sample(self, model: ISRDiffusionModel, reference: bool) -> torch.Tensor:
+        # A fixed seed: every validation sees the same x_T, so changes come from the weights.
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
+        outputs = []
+        for start in range(0, len(self.lr), 4):
+            outputs.append(
+                model.sample(
+                    self.lr[start : start + 4],
+                    self.cfg.schedule.num_inference_steps,
+                    generator,
+                    reference=reference,
+                )
+            )
+        return torch.cat(outputs)
+
+    @torch.no_grad()
+    def metrics(self, sr: torch.Tensor) -> dict[str, float]:
+        values = {
+            "psnr": float(self.psnr(sr, self.hr).mean()),
+            "ssim": float(self.ssim(sr, self.hr).mean()),
+        }
+        for term in self.rewards:
+            values[f"reward_{term.cfg.name}"] = float(
+                term.reward(sr, hr=self.hr, lr=self.lr).mean()
+            )
+        if self.gram is not None and self.base_sr is not None:
+            values["gram_to_base"] = float(self.gram(sr, self.base_sr))
+        return values
+
+    def base(self, model: ISRDiffusionModel) -> dict[str, float]:
+        """Metrics of the frozen original model (sampled once)."""
+        if self.base_sr is None:
+            self.base_sr = self._sample(model, reference=True)
+        return self.metrics(self.base_sr)
+
+    def run(self, model: ISRDiffusionModel) -> tuple[dict[str, float], np.ndarray]:
+        """Metrics of `model` as it is now (load EMA weights before calling) and a sample grid."""
+        self.base(model)
+        sr = self._sample(model, reference=False)
+        self.last = self.metrics(sr)
+        return self.last, self.grid(sr)
+
+    def grid(self, sr: torch.Tensor, rows: int = 4) -> np.ndarray:
+        """Rows of LR-upscaled | base | current | HR as a (H, W, 3) uint8 image."""
+        if self.base_sr is None:
+            raise RuntimeError("sample the base model (Validator.base) before drawing a grid")
+        upscaled = F.interpolate(self.lr, size=self.hr.shape[-2:], mode="bicubic")
+        columns = [to_uint8(x[:rows]) for x in (upscaled, self.base_sr, sr, self.hr)]
+        return image_grid([list(panels) for panels in zip(*columns, strict=True)])
+
+
+def comparison_table(base: dict[str, float], tuned: dict[str, float]) -> str:
+    """Markdown table: metric | base | fine-tuned | delta, with ↑/↓ direction."""
+    lines = ["| metric | base | fine-tuned | Δ |", "|---|---:|---:|---:|"]
+    for name in tuned:
+        arrow = "↓" if not HIGHER_IS_BETTER.get(name, True) else "↑"
+        before = base.get(name, float("nan"))
+        lines.append(
+            f"| {name} {arrow} | {before:.4f} | {tuned[name]:.4f} | {tuned[name] - before:+.4f} |"
+        )
+    return "\n".join(lines)
