@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rfsr_ray.cli import init_ray, local_cpus, run_main
-from rfsr_ray.config import RFSRConfig, load_config
+from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.errors import ConfigError
+from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import ui_command
 from rfsr_ray.train.driver import TrainingOutcome, run_training
 
@@ -31,7 +32,7 @@ def ensure_base_model(cfg: RFSRConfig) -> None:
         target,
         cfg.model.pretrain_config,
     )
-    recipe = load_config(cfg.model.pretrain_config)
+    recipe = with_absolute_paths(load_config(cfg.model.pretrain_config))
     if recipe.train.objective != "denoise":
         raise ConfigError(
             f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.objective: denoise"
@@ -64,6 +65,7 @@ def finetune(cfg: RFSRConfig) -> int:
         )
     init_ray(local_cpus(cfg))
     ensure_base_model(cfg)
+    load_model(cfg.model.pretrained)  # fail here, not inside every worker, if it is unusable
     report(run_training(cfg))
     return 0
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from rfsr_ray.config import RFSRConfig, load_config
+from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.errors import RFSRError
 
 log = logging.getLogger("rfsr_ray")
@@ -36,7 +36,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RFSRConfig | None:
     """Parse argv into a validated config; prints it and returns None for --print-config."""
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = with_absolute_paths(load_config(args.config, args.overrides))
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return None

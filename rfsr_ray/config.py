@@ -230,7 +230,7 @@ class TinyModelConfig(StrictModel):
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
@@ -473,6 +473,26 @@ def _format_error(error: ValidationError) -> str:
             msg = "unknown key; check the spelling against `--print-config`"
         lines.append(f"  {loc}={bad}: {msg}" if loc else f"  {msg}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
+    """Local paths made absolute: Ray workers run in other working directories."""
+    tree = cfg.to_dict()
+    for source in [*tree["data"]["sources"], tree["data"]["val_source"]]:
+        if source is not None:
+            source["path"] = _absolute(source["path"])
+    tree["data"]["val_pairs"] = _absolute(tree["data"]["val_pairs"])
+    tree["model"]["pretrained"] = _absolute(tree["model"]["pretrained"])
+    tree["losses"]["gram"]["vgg_weights"] = _absolute(tree["losses"]["gram"]["vgg_weights"])
+    tree["output"]["dir"] = _absolute(tree["output"]["dir"])
+    tree["output"]["storage_path"] = _absolute(tree["output"]["storage_path"])
+    return build_config(tree)
 
 
 def build_config(tree: Mapping[str, Any] | None = None) -> RFSRConfig:
