@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python pipelines/prepare_data.py --config configs/demo.yaml
+	$(VENV)/bin/python pipelines/finetune.py --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra

@@ -372,6 +372,16 @@ class OutputConfig(StrictModel):
     storage_path: str = "outputs/ray_results"
 
 
+class InferConfig(StrictModel):
+    """pipelines/upscale.py: super-resolve a folder with an exported model or a checkpoint."""
+
+    model: str | None = Field(None, description="exported model folder or checkpoint folder")
+    input: str | None = Field(None, description="folder of LR images (recursive)")
+    output: str = "outputs/upscaled"
+    num_inference_steps: int | None = Field(None, ge=1, description="default: the model's run")
+    seed: int = Field(0, ge=0)
+
+
 class RFSRConfig(StrictModel):
     data: DataConfig = DataConfig()
     degradation: DegradationConfig = DegradationConfig()
@@ -381,6 +391,7 @@ class RFSRConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+    infer: InferConfig = InferConfig()
 
     @model_validator(mode="after")
     def _windows_inside_schedule(self) -> RFSRConfig:
@@ -492,6 +503,8 @@ def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
     tree["losses"]["gram"]["vgg_weights"] = _absolute(tree["losses"]["gram"]["vgg_weights"])
     tree["output"]["dir"] = _absolute(tree["output"]["dir"])
     tree["output"]["storage_path"] = _absolute(tree["output"]["storage_path"])
+    for key in ("model", "input", "output"):
+        tree["infer"][key] = _absolute(tree["infer"][key])
     return build_config(tree)
 
 

@@ -4,7 +4,7 @@ progress and the resolved config.
 Layout of a checkpoint folder:
     trainable/<module>.safetensors   weights of each trainable module (unwrapped from DDP)
     ema.safetensors                  EMA shadow of the trainable parameters, in parameter order
-    optimizer.pt, lr_scheduler.pt, rng.pt
+    optimizer.pt, lr_scheduler.pt, rng.pt, grad_scaler.pt (fp16 only)
     progress.json                    step, skipped steps, data position, MLflow run id
     config.yaml                      the resolved config
     COMPLETE                         written last: a folder without it is never loaded
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import TrainingError
+from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.train.step import TrainState
 
 COMPLETE_MARKER = "COMPLETE"
@@ -59,6 +60,8 @@ def save_checkpoint(folder: Path, state: TrainState, progress: Progress, cfg: RF
     torch.save(state.optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(state.lr_scheduler.state_dict(), partial / "lr_scheduler.pt")
     torch.save(_rng_state(state), partial / "rng.pt")
+    if state.scaler is not None:
+        torch.save(state.scaler.state_dict(), partial / "grad_scaler.pt")
     (partial / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     cfg.save(partial / "config.yaml")
     (partial / COMPLETE_MARKER).write_text("ok\n")
@@ -95,6 +98,8 @@ def load_checkpoint(folder: Path, state: TrainState) -> Progress:
         torch.load(folder / "optimizer.pt", map_location=device, weights_only=False)
     )
     state.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
+    if state.scaler is not None and (folder / "grad_scaler.pt").is_file():
+        state.scaler.load_state_dict(torch.load(folder / "grad_scaler.pt", weights_only=False))
     rng = torch.load(folder / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy_global"])
@@ -112,3 +117,25 @@ def read_progress(folder: Path) -> Progress | None:
     if not (folder / COMPLETE_MARKER).is_file():
         return None
     return Progress(**json.loads((folder / "progress.json").read_text()))
+
+
+def model_from_checkpoint(folder: Path) -> ISRDiffusionModel:
+    """The model of a training checkpoint with its EMA weights loaded (for inference)."""
+    from rfsr_ray.config import load_config
+    from rfsr_ray.models import build_model
+
+    if not (folder / COMPLETE_MARKER).is_file():
+        raise TrainingError(f"{folder} is not a complete checkpoint (no {COMPLETE_MARKER})")
+    cfg = load_config(folder / "config.yaml")
+    model = build_model(cfg.model, cfg.data.scale)
+    shadow = load_file(folder / "ema.safetensors")
+    parameters = model.trainable_parameters()
+    if len(shadow) != len(parameters):
+        raise TrainingError(
+            f"checkpoint {folder} holds {len(shadow)} EMA tensors but the model "
+            f"has {len(parameters)} trainable parameters; wrong model config?"
+        )
+    with torch.no_grad():
+        for index, parameter in enumerate(parameters):
+            parameter.copy_(shadow[str(index)])
+    return model

@@ -113,6 +113,8 @@ def run_training(cfg: RFSRConfig) -> TrainingOutcome:
     context = LoopContext(str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    if run is not None:
+        mlflow_run.log_artifact(run, run_dir / "config.yaml")
     try:
         # Only tensor columns go to torch; ids and degradation JSON stay in the Parquet sets.
         dataset = pipeline.dataset.select_columns(["hr", "lr", "epoch"])

@@ -272,7 +272,13 @@ def _validate(
     with ema_weights(state):
         current, grid = validator.run(state.model)
     metrics = {f"val_{k}": v for k, v in current.items()}
-    metrics.update({f"val_{k}_gain": current[k] - base[k] for k in current if k in base})
+    metrics.update(
+        {
+            f"val_{k}_gain": current[k] - base[k]
+            for k in current
+            if k in base and k != "gram_to_base"
+        }
+    )  # the base's distance is 0 by definition
     grid_path = Path(context.run_dir) / "validation" / f"grid_step_{state.step:08d}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(grid_path)

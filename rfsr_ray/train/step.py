@@ -136,6 +136,7 @@ class TrainState:
     ema: EMAModel
     index_rng: np.random.Generator
     generator: torch.Generator
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (CUDA only)
     step: int = 0  # optimiser step attempts, including skipped non-finite ones
     skipped_steps: int = 0
     nonfinite_streak: int = 0
@@ -168,9 +169,12 @@ def _micro_losses(
             )
         else:
             output = denoise_loss(state.model, batch, state.generator, autocast)
+        loss = output.loss / len(micro_batches)
+        if state.scaler is not None:
+            loss = state.scaler.scale(loss)
         # Gradients are all-reduced only on the last micro-batch (DDP no_sync on the others).
         with no_sync() if position < last else contextlib.nullcontext():
-            (output.loss / len(micro_batches)).backward()
+            loss.backward()
         yield output
 
 
@@ -188,6 +192,8 @@ def optimizer_step(
     """
     state.optimizer.zero_grad(set_to_none=True)
     outputs = list(_micro_losses(state, micro_batches, cfg, autocast, no_sync))
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip))
     state.step += 1
     lr = state.optimizer.param_groups[0]["lr"]
@@ -203,8 +209,14 @@ def optimizer_step(
                 f"(step {state.step}); lower train.lr, use train.mixed_precision=bf16 or no, or "
                 "check the data. The last good checkpoint is kept"
             )
+        if state.scaler is not None:
+            state.scaler.update()  # lowers the loss scale after an overflow
     else:
-        state.optimizer.step()
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
         state.lr_scheduler.step()
         state.ema.step(state.params)
         state.nonfinite_streak = 0
@@ -248,6 +260,18 @@ def build_state(
     # Each rank draws its own indices and noise; the pair (seed, rank) makes a run reproducible.
     index_rng = np.random.default_rng([cfg.train.seed, rank])
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+    # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = None
+    if cfg.train.mixed_precision == "fp16" and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     return TrainState(
-        model, losses, optimizer, lr_scheduler, ema, index_rng, generator, params=params
+        model,
+        losses,
+        optimizer,
+        lr_scheduler,
+        ema,
+        index_rng,
+        generator,
+        scaler=scaler,
+        params=params,
     )

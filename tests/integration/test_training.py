@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import finetune, pretrain, upscale
+from rfsr_ray.config import build_config, load_config
+from rfsr_ray.errors import TrackingError
+from rfsr_ray.models import build_model, load_model
+from rfsr_ray.tracking.mlflow_run import check_reachable
+from tests.conftest import natural_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny randomly initialised x4 model saved like a pretrain export."""
+    cfg = build_config(
+        {"model": {"tiny": {"block_out_channels": [16, 32], "prediction_type": "sample"}}}
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "tiny_x4"
+    build_model(cfg.model, 4).save(path)
+    return path
+
+
+def tiny_args(tmp_path: Path, base: Path, run_name: str = "run", **extra: object) -> list[str]:
+    args = {
+        "data.sources": "[builtin:astronaut+rocket]",
+        "data.patch_size": 32,
+        "data.crops_per_image": 4,
+        "data.batch_size": 4,
+        "data.val_source": "builtin:coffee",
+        "data.val_size": 2,
+        "degradation.preset": "bicubic",
+        "model.pretrained": str(base),
+        "schedule.num_inference_steps": 4,
+        "losses.structure.window": "[0,1]",
+        "losses.reward.window": "[2,3]",
+        "losses.gram.window": "[3,3]",
+        "losses.gram.allow_random_vgg": "true",
+        "losses.reward.terms.0.weight": 0.1,
+        "train.steps": 3,
+        "train.batch_size": 2,
+        "train.grad_accum": 1,
+        "train.lr": 1e-4,
+        "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 2,
+        "train.log_every": 1,
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output.storage_path": str(tmp_path / "runs"),
+        "output.run_name": run_name,
+    }
+    args.update({key.replace("__", "."): value for key, value in extra.items()})
+    return [f"{key}={value}" for key, value in args.items()]
+
+
+def mlflow_client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def only_run(tmp_path: Path):
+    client = mlflow_client(tmp_path)
+    experiment = client.get_experiment_by_name("rfsr_ray")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, capsys):
+    assert finetune.main(tiny_args(tmp_path, base_model)) == 0
+    out = capsys.readouterr().out
+    assert "base vs fine-tuned" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.steps"] == "3" and params["train.num_workers"] == "2"
+    assert params["losses.gram.allow_random_vgg"] == "True" and "version.torch" in params
+    for name in (
+        "loss",
+        "grad_norm",
+        "lr",
+        "samples_per_s",
+        "data_wait_fraction",
+        "val_psnr",
+        "val_reward_gmsd",
+        "data_pairs",
+    ):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert history and all(math.isfinite(m.value) for m in history), name
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")} == {0, 2, 3}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "validation", "final_table.md"} <= artifacts
+    run_dir = tmp_path / "runs" / "run"
+    exported = load_model(run_dir / "model")
+    sr = exported.sample(torch.rand(1, 3, 8, 8), 4, torch.Generator().manual_seed(0))
+    assert sr.shape == (1, 3, 32, 32)
+    assert load_config(run_dir / "model" / "config.yaml").train.steps == 3
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
+        "checkpoint_00000002",
+        "checkpoint_00000003",
+    ]
+
+
+def test_resume_continues_from_the_checkpoint_in_the_same_run(ray_cluster, tmp_path, base_model):
+    args = tiny_args(tmp_path, base_model, "resumable", train__steps=2)
+    assert finetune.main(args) == 0
+    _, first = only_run(tmp_path)
+    assert finetune.main([*args, "train.steps=4"]) == 0
+    client, second = only_run(tmp_path)
+    assert second.info.run_id == first.info.run_id
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # steps 3-4 continue the run; step 1 is not redone
+    assert (tmp_path / "runs" / "resumable" / "checkpoint_00000004").is_dir()
+
+
+def test_train_local_mode_runs_the_worker_loop_in_process(ray_cluster, tmp_path, base_model):
+    args = tiny_args(
+        tmp_path,
+        base_model,
+        "local",
+        train__num_workers=0,
+        tracking__enabled="false",
+        train__steps=2,
+    )
+    assert finetune.main(args) == 0
+    assert (tmp_path / "runs" / "local" / "model" / "rfsr_model.json").is_file()
+
+
+def test_pretrain_denoise_objective(ray_cluster, tmp_path):
+    args = [
+        a
+        for a in tiny_args(tmp_path, Path("unused"), "pretrain")
+        if not a.startswith("model.pretrained")
+    ]
+    args += [
+        "train.objective=denoise",
+        "model.tiny.block_out_channels=[16,32]",
+        "tracking.enabled=false",
+    ]
+    assert pretrain.main(args) == 0
+    assert (tmp_path / "runs" / "pretrain" / "model" / "unet").is_dir()
+
+
+def test_unreachable_tracking_server_is_reported_before_training():
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_reachable("http://127.0.0.1:9")
+
+
+def test_upscale_writes_good_images_and_reports_the_bad_one(tmp_path, base_model, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(2):
+        Image.fromarray(natural_image(12, 20, seed=index)).save(folder / f"good{index}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    code = upscale.main(
+        [
+            f"infer.model={base_model}",
+            f"infer.input={folder}",
+            f"infer.output={tmp_path / 'out'}",
+            "infer.num_inference_steps=2",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "broken.jpg" in out and "skipped_corrupt=1" in out
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["good0.png", "good1.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "good0.png")).shape == (48, 80, 3)
