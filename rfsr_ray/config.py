@@ -450,14 +450,21 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         )
     node: Any = tree
     parts = key.strip().split(".")
-    for part in parts[:-1]:
+    for position, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
-        else:
-            child = node.get(part)
-            if not isinstance(child, (dict, list)):
-                child = node[part] = {}
-            node = child
+            continue
+        child = node.get(part)
+        if part.isdigit() or (parts[position + 1].isdigit() and not isinstance(child, list)):
+            list_key = ".".join(parts[: position + 1 + (not part.isdigit())])
+            raise ConfigError(
+                f"override {key!r}: {list_key} is not a list in the config file, so an item "
+                f"cannot be set by index; give the whole list, e.g. "
+                f"{list_key}=[{{name: gmsd, weight: 0.1}}]"
+            )
+        if not isinstance(child, (dict, list)):
+            child = node[part] = {}
+        node = child
     if isinstance(node, list):
         node[_list_index(node, parts[-1], key)] = _parse_value(text)
     else:

@@ -62,6 +62,7 @@ def save_checkpoint(folder: Path, state: TrainState, progress: Progress, cfg: RF
     torch.save(_rng_state(state), partial / "rng.pt")
     if state.scaler is not None:
         torch.save(state.scaler.state_dict(), partial / "grad_scaler.pt")
+    progress.step, progress.skipped_steps = state.step, state.skipped_steps
     (partial / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     cfg.save(partial / "config.yaml")
     (partial / COMPLETE_MARKER).write_text("ok\n")

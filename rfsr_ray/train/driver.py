@@ -38,10 +38,11 @@ def run_dir_of(cfg: RFSRConfig) -> Path:
     return Path(cfg.output.storage_path).resolve() / cfg.output.run_name
 
 
-def latest_progress(run_dir: Path) -> Progress | None:
-    """Progress of the newest complete checkpoint of a previous run with the same name."""
-    found = [p for p in (read_progress(f) for f in sorted(run_dir.glob("checkpoint_*"))) if p]
-    return max(found, key=lambda p: p.step) if found else None
+def latest_checkpoint(run_dir: Path) -> tuple[Path, Progress] | None:
+    """The newest complete checkpoint of a previous run with the same name, and its progress."""
+    found = [(folder, read_progress(folder)) for folder in run_dir.glob("checkpoint_0*")]
+    complete = [(folder, progress) for folder, progress in found if progress is not None]
+    return max(complete, key=lambda item: item[1].step) if complete else None
 
 
 def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
@@ -96,7 +97,8 @@ def build_trainer(cfg: RFSRConfig, context: LoopContext, dataset: ray.data.Datas
 def run_training(cfg: RFSRConfig) -> TrainingOutcome:
     """Fit (or resume) the run `output.run_name` under `output.storage_path`."""
     run_dir = run_dir_of(cfg)
-    previous = latest_progress(run_dir)
+    latest = latest_checkpoint(run_dir)
+    previous = latest[1] if latest else None
     if previous is not None:
         log.info("resuming %s from step %d", run_dir, previous.step)
     run = None
@@ -110,7 +112,14 @@ def run_training(cfg: RFSRConfig) -> TrainingOutcome:
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
     pipeline = build_pair_dataset(cfg.data, cfg.degradation, epochs_needed(cfg, start_epoch))
-    context = LoopContext(str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch)
+    context = LoopContext(
+        str(run_dir),
+        run,
+        build_validation_set(cfg),
+        pipeline.stats,
+        start_epoch,
+        str(latest[0]) if latest else None,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     if run is not None:

@@ -50,6 +50,7 @@ class LoopContext:
     val_set: ValidationSet | None = None
     data_stats: Any = None  # ActorHandle[PipelineStats] of the training pipeline
     start_epoch: int = 0
+    resume_dir: str | None = None  # newest checkpoint of an earlier fit() with the same run name
 
 
 @dataclass
@@ -128,12 +129,19 @@ def ema_weights(state: TrainState) -> Iterator[None]:
         state.ema.restore(state.params)
 
 
-def _restore(state: TrainState, cfg: RFSRConfig, rank: int, progress: Progress) -> Progress:
+def _restore(
+    state: TrainState, cfg: RFSRConfig, rank: int, progress: Progress, resume_dir: str | None
+) -> Progress:
+    """Load Ray's checkpoint of this fit() (a FailureConfig retry), else the newest one of an
+    earlier fit() with the same run name, else start fresh."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = load_checkpoint(Path(folder), state)
+    elif resume_dir is not None:
+        restored = load_checkpoint(Path(resume_dir), state)
+    else:
         return progress
-    with checkpoint.as_directory() as folder:
-        restored = load_checkpoint(Path(folder), state)
     if rank != 0:  # the checkpoint holds rank 0's generators; other ranks draw their own
         state.index_rng = np.random.default_rng([cfg.train.seed, rank, restored.step])
         state.generator.manual_seed(cfg.train.seed * 1_000_003 + rank + restored.step)
@@ -152,14 +160,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model, cfg.data.scale)
     model.to(device)
     state = build_state(cfg, model, device, rank)
-    progress = _restore(
-        state,
-        cfg,
-        rank,
-        Progress(
-            run_id=context.run.run_id if context.run else None, data_epoch=context.start_epoch
-        ),
+    fresh = Progress(
+        run_id=context.run.run_id if context.run else None, data_epoch=context.start_epoch
     )
+    progress = _restore(state, cfg, rank, fresh, context.resume_dir)
     no_sync = _wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
     validator = None

@@ -46,7 +46,7 @@ def tiny_args(tmp_path: Path, base: Path, run_name: str = "run", **extra: object
         "losses.reward.window": "[2,3]",
         "losses.gram.window": "[3,3]",
         "losses.gram.allow_random_vgg": "true",
-        "losses.reward.terms.0.weight": 0.1,
+        "losses.reward.terms": "[{name: gmsd, weight: 0.1}]",
         "train.steps": 3,
         "train.batch_size": 2,
         "train.grad_accum": 1,
@@ -107,7 +107,7 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
     sr = exported.sample(torch.rand(1, 3, 8, 8), 4, torch.Generator().manual_seed(0))
     assert sr.shape == (1, 3, 32, 32)
     assert load_config(run_dir / "model" / "config.yaml").train.steps == 3
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
         "checkpoint_00000002",
         "checkpoint_00000003",
     ]

@@ -56,6 +56,11 @@ def test_list_item_override():
     assert build_config(tree).losses.reward.terms[0].weight == 0.5
     with pytest.raises(ConfigError, match="not an index"):
         apply_override(tree, "losses.reward.terms.3.weight=1")
+    with pytest.raises(ConfigError, match="give the whole list"):
+        apply_override({}, "losses.reward.terms.0.weight=1")
+    whole = {}
+    apply_override(whole, "losses.reward.terms=[{name: fsim, weight: 0.2}]")
+    assert build_config(whole).losses.reward.terms[0].name == "fsim"
 
 
 def test_preset_fills_fields_and_explicit_fields_win():
