@@ -70,10 +70,8 @@ def upscale(cfg: RFSRConfig) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(super_resolve(model, decoded.image, steps, infer.seed)).save(target)
         counts["written"] += 1
-    print(
-        f"wrote {counts['written']} images to {infer.output}; "
-        + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "written")
-    )
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "written")
+    print(f"wrote {counts['written']} images to {infer.output}; skipped: {skipped or 'none'}")
     return 0 if counts["written"] or not files else 1
 
 
