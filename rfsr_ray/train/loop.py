@@ -12,7 +12,7 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,7 @@ def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]
     return item
 
 
-def _wrap_for_ddp(state: TrainState) -> contextlib.AbstractContextManager:
+def _wrap_for_ddp(state: TrainState) -> Callable[[], contextlib.AbstractContextManager]:
     """Wrap trainable modules in DDP (no-op for one worker); returns a no_sync context factory."""
     wrapped = []
     for name, module in state.model.trainable_modules().items():
