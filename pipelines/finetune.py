@@ -6,39 +6,15 @@ ray job submit --working-dir . -- python pipelines/finetune.py --config configs/
 
 from __future__ import annotations
 
-import logging
-import shutil
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rfsr_ray.cli import init_ray, local_cpus, run_main
-from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
+from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import TrainingOutcome, run_training
-
-log = logging.getLogger("rfsr_ray.finetune")
-
-
-def ensure_base_model(cfg: RFSRConfig) -> None:
-    """Pretrain the base on first use when `model.pretrained` is missing and a recipe is given."""
-    target = cfg.model.pretrained
-    if target is None or Path(target).exists() or cfg.model.pretrain_config is None:
-        return
-    log.info(
-        "base model %s not found: pretraining it with %s (first use only)",
-        target,
-        cfg.model.pretrain_config,
-    )
-    recipe = with_absolute_paths(load_config(cfg.model.pretrain_config))
-    if recipe.train.objective != "denoise":
-        raise ConfigError(
-            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.objective: denoise"
-        )
-    outcome = run_training(recipe)
-    shutil.copytree(outcome.run_dir / "model", target)
+from rfsr_ray.train.driver import TrainingOutcome, ensure_base_model, run_training
 
 
 def report(outcome: TrainingOutcome) -> None:

@@ -49,12 +49,13 @@ def setup_logging() -> None:
     )
 
 
-def local_cpus(cfg: RFSRConfig) -> int:
+def local_cpus(cfg: RFSRConfig, concurrent_runs: int = 1) -> int:
     """Logical CPUs for a local cluster: the training workers' reservation plus room for the data
-    stage. Without that room, workers holding every CPU starve Ray Data and the job hangs."""
+    stage, per concurrent run (sweep trials). Without that room, workers holding every CPU
+    starve Ray Data and the job hangs."""
     cores = os.cpu_count() or 1
-    training = cfg.train.num_workers * cfg.train.cpus_per_worker
-    return max(cores, math.ceil(training + 2 * cfg.data.num_cpus))
+    training = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.tune.trial_cpus
+    return max(cores, math.ceil(concurrent_runs * (training + 2 * cfg.data.num_cpus)))
 
 
 def init_ray(num_cpus: int | None = None) -> None:

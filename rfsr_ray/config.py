@@ -354,6 +354,129 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
 
 
+# ---------------------------------------------------------------------------------------- tune
+Number = int | float
+
+
+class DomainConfig(StrictModel):
+    """One search dimension, exactly one of: `grid` (every value, crossed with the other grids),
+    `choice` (sampled), `uniform` / `loguniform` [low, high], `randint` [low, high] (inclusive)."""
+
+    grid: tuple[Number, ...] | None = None
+    choice: tuple[Number, ...] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DomainConfig:
+        given = [name for name in DOMAIN_KINDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(DOMAIN_KINDS)} (got {given or 'none'}), "
+                "e.g. {loguniform: [1.0e-7, 1.0e-5]}"
+            )
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{given[0]} must list at least one value")
+        if given[0] in ("uniform", "loguniform", "randint") and values[0] >= values[1]:
+            raise ValueError(f"{given[0]}={list(values)} must be [low, high] with low < high")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform={list(values)} needs low > 0 (log scale)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DOMAIN_KINDS if getattr(self, name) is not None)
+
+    @property
+    def values(self) -> tuple[Number, ...]:
+        return getattr(self, self.kind)
+
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SearchSpaceConfig(StrictModel):
+    """What a sweep varies. The split is either `split_index` s (structure window [0, s-1], reward
+    and Gram windows [s, N-1]) or `structure_end` and `reward_start` together."""
+
+    split_index: DomainConfig | None = None
+    structure_end: DomainConfig | None = None
+    reward_start: DomainConfig | None = None
+    gram_weight: DomainConfig | None = None
+    lr: DomainConfig | None = None
+    reward_weights: dict[str, DomainConfig] = Field(
+        default_factory=dict, description="by reward term name (losses.reward.terms[].name)"
+    )
+
+    @model_validator(mode="after")
+    def _split_form(self) -> SearchSpaceConfig:
+        pair = (self.structure_end is not None, self.reward_start is not None)
+        if self.split_index is not None and any(pair):
+            raise ValueError("give either split_index or structure_end + reward_start, not both")
+        if any(pair) and not all(pair):
+            raise ValueError(
+                "structure_end and reward_start go together (a one-value grid fixes one of "
+                "them), or use split_index"
+            )
+        for name in ("split_index", "structure_end", "reward_start"):
+            domain = getattr(self, name)
+            if domain is not None and domain.kind in ("uniform", "loguniform"):
+                raise ValueError(f"{name} is a sampler index: use grid, choice or randint")
+            if domain is not None and any(int(v) != v for v in domain.values):
+                raise ValueError(f"{name}={list(domain.values)} must be whole numbers")
+        return self
+
+    def parameters(self) -> dict[str, DomainConfig]:
+        """Flat name → domain of every declared dimension (`reward_weights.NAME` for rewards)."""
+        named = {
+            name: getattr(self, name)
+            for name in ("split_index", "structure_end", "reward_start", "gram_weight", "lr")
+            if getattr(self, name) is not None
+        }
+        named.update({f"reward_weights.{k}": v for k, v in self.reward_weights.items()})
+        return named
+
+
+class ObjectiveConfig(StrictModel):
+    """Validation objective (maximised), reported as `val_objective` at every validation:
+    reward_gain − psnr_penalty·max(0, −ΔPSNR − psnr_tolerance)
+                − gram_penalty·max(0, gram_to_base / gram_bound − 1)  (with a bound).
+    reward_gain is the held-out gain of `reward` (default: the first reward term) over the
+    base model."""
+
+    reward: str | None = Field(None, description="reward term name; default the first term")
+    psnr_tolerance: float = Field(0.5, ge=0, description="dB of PSNR drop allowed for free")
+    psnr_penalty: float = Field(1.0, ge=0, description="objective units per dB beyond tolerance")
+    gram_bound: float | None = Field(None, gt=0, description="Gram distance to the base allowed")
+    gram_penalty: float = Field(1.0, ge=0, description="per unit of relative excess")
+
+
+class SchedulerConfig(StrictModel):
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="steps before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class TuneConfig(StrictModel):
+    """pipelines/tune.py. Re-running with the same `name` and `storage_path` resumes the sweep."""
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = "outputs/tune"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="grid: repeats; random/optuna: trials")
+    max_concurrent_trials: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, description="seeds the random / Optuna sampler")
+    trial_cpus: float = Field(
+        0.25, gt=0, description="CPUs of each trial's driver (its TorchTrainer workers hold theirs)"
+    )
+    space: SearchSpaceConfig = SearchSpaceConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
 # ---------------------------------------------------------------------------------------- rest
 class TrackingConfig(StrictModel):
     uri: str | None = Field(
@@ -392,6 +515,7 @@ class RFSRConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
     infer: InferConfig = InferConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _windows_inside_schedule(self) -> RFSRConfig:
@@ -512,6 +636,7 @@ def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
     tree["output"]["storage_path"] = _absolute(tree["output"]["storage_path"])
     for key in ("model", "input", "output"):
         tree["infer"][key] = _absolute(tree["infer"][key])
+    tree["tune"]["storage_path"] = _absolute(tree["tune"]["storage_path"])
     return build_config(tree)
 
 

@@ -173,3 +173,25 @@ def git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def child_runs(parent: RunHandle) -> list[Any]:
+    """Runs nested under `parent` (tag `mlflow.parentRunId`), oldest first."""
+    return _client(parent.tracking_uri).search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def find_child_run(parent: RunHandle, tag: str, value: str) -> str | None:
+    """The id of the child run of `parent` whose `tag` equals `value`, if any."""
+    for run in child_runs(parent):
+        if run.data.tags.get(tag) == value:
+            return run.info.run_id
+    return None
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> RunHandle:
+    run = _client(tracking_uri).get_run(run_id)
+    return RunHandle(tracking_uri, run_id, run.info.experiment_id)

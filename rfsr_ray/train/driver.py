@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from rfsr_ray.config import RFSRConfig
+from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.data.parquet import read_pair_dataset
 from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_empty
 from rfsr_ray.data.sources import read_sources
-from rfsr_ray.errors import DataError, TrainingError
+from rfsr_ray.errors import ConfigError, DataError, TrainingError
 from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.train.checkpoint import Progress, read_progress
 from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
@@ -73,7 +76,12 @@ def epochs_needed(cfg: RFSRConfig, start_epoch: int) -> range:
     return range(start_epoch, start_epoch + math.ceil(1.25 * pairs / per_epoch) + 1)
 
 
-def build_trainer(cfg: RFSRConfig, context: LoopContext, dataset: ray.data.Dataset) -> TorchTrainer:
+def build_trainer(
+    cfg: RFSRConfig,
+    context: LoopContext,
+    dataset: ray.data.Dataset,
+    callbacks: Sequence[Any] = (),
+) -> TorchTrainer:
     train = cfg.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -89,13 +97,25 @@ def build_trainer(cfg: RFSRConfig, context: LoopContext, dataset: ray.data.Datas
             storage_path=str(Path(cfg.output.storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )
 
 
-def run_training(cfg: RFSRConfig) -> TrainingOutcome:
-    """Fit (or resume) the run `output.run_name` under `output.storage_path`."""
+def run_training(
+    cfg: RFSRConfig,
+    *,
+    callbacks: Sequence[Any] = (),
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> TrainingOutcome:
+    """Fit (or resume) the run `output.run_name` under `output.storage_path`.
+
+    callbacks: Ray Train callbacks (a sweep trial passes Tune's `TuneReportCallback`).
+    tags: extra MLflow tags of a new run (`mlflow.parentRunId` nests it under a sweep).
+    run_id: an MLflow run to continue when no checkpoint names one (a restarted sweep trial).
+    """
     run_dir = run_dir_of(cfg)
     latest = latest_checkpoint(run_dir)
     previous = latest[1] if latest else None
@@ -106,8 +126,8 @@ def run_training(cfg: RFSRConfig) -> TrainingOutcome:
         run = mlflow_run.start_run(
             cfg,
             cfg.output.run_name,
-            previous.run_id if previous else None,
-            tags={"objective": cfg.train.objective},
+            (previous.run_id if previous else None) or run_id,
+            tags={"objective": cfg.train.objective, **(tags or {})},
         )
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
@@ -127,7 +147,7 @@ def run_training(cfg: RFSRConfig) -> TrainingOutcome:
     try:
         # Only tensor columns go to torch; ids and degradation JSON stay in the Parquet sets.
         dataset = pipeline.dataset.select_columns(["hr", "lr", "epoch"])
-        result = build_trainer(cfg, context, dataset).fit()
+        result = build_trainer(cfg, context, dataset, callbacks).fit()
     except Exception as error:  # Ray wraps worker errors; surface the cause plainly
         if run is not None:
             mlflow_run.end_run(run, "FAILED")
@@ -153,3 +173,22 @@ def _cause(error: BaseException) -> str:
         error = error.__cause__
     text = str(error).strip().splitlines()
     return text[-1] if text else type(error).__name__
+
+
+def ensure_base_model(cfg: RFSRConfig) -> None:
+    """Pretrain the base on first use when `model.pretrained` is missing and a recipe is given."""
+    target = cfg.model.pretrained
+    if target is None or Path(target).exists() or cfg.model.pretrain_config is None:
+        return
+    log.info(
+        "base model %s not found: pretraining it with %s (first use only)",
+        target,
+        cfg.model.pretrain_config,
+    )
+    recipe = with_absolute_paths(load_config(cfg.model.pretrain_config))
+    if recipe.train.objective != "denoise":
+        raise ConfigError(
+            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.objective: denoise"
+        )
+    outcome = run_training(recipe)
+    shutil.copytree(outcome.run_dir / "model", target)

@@ -37,6 +37,7 @@ from rfsr_ray.train.step import (
     optimizer_step,
 )
 from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table
+from rfsr_ray.tune.objective import objective_parts
 
 log = logging.getLogger("rfsr_ray.train")
 
@@ -172,9 +173,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step == 0:
             _validate(state, validator, context, cfg)
     _train(state, cfg, context, progress, rank, validator, autocast, no_sync)
-    _unwrap_modules(state)
-    if rank == 0:
-        _finish(state, validator, context, cfg)
 
 
 def _train(
@@ -256,6 +254,12 @@ def _report(
     metrics: dict[str, float] = {"step": state.step}
     if validate_now and validator is not None:
         metrics.update(_validate(state, validator, context, cfg))
+    if last:
+        # Export before the final report: a Tune scheduler may stop the trial (killing this
+        # process) as soon as it sees the last result.
+        _unwrap_modules(state)
+        if rank == 0:
+            _finish(state, validator, context, cfg)
     if not checkpoint_now:
         ray.train.report(metrics)
         return
@@ -283,6 +287,10 @@ def _validate(
             if k in base and k != "gram_to_base"
         }
     )  # the base's distance is 0 by definition
+    if cfg.losses.reward.terms:  # the number a sweep ranks trials by (rfsr_ray.tune.objective)
+        parts = objective_parts(cfg, metrics)
+        metrics["val_reward_gain"] = parts["reward_gain"]
+        metrics["val_objective"] = parts["objective"]
     grid_path = Path(context.run_dir) / "validation" / f"grid_step_{state.step:08d}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(grid_path)

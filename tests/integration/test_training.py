@@ -9,26 +9,14 @@ import torch
 from PIL import Image
 
 from pipelines import finetune, pretrain, upscale
-from rfsr_ray.config import build_config, load_config
+from rfsr_ray.config import load_config
 from rfsr_ray.errors import TrackingError
-from rfsr_ray.models import build_model, load_model
+from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import check_reachable
 from tests.conftest import natural_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A tiny randomly initialised x4 model saved like a pretrain export."""
-    cfg = build_config(
-        {"model": {"tiny": {"block_out_channels": [16, 32], "prediction_type": "sample"}}}
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "tiny_x4"
-    build_model(cfg.model, 4).save(path)
-    return path
 
 
 def tiny_args(tmp_path: Path, base: Path, run_name: str = "run", **extra: object) -> list[str]:

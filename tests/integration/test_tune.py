@@ -1,0 +1,200 @@
+"""Ray Tune sweeps: a real 2-trial sweep of the tiny model, ASHA on a scripted case, resume after
+a kill, and spaces rejected before any trial starts."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines import tune as tune_pipeline
+from rfsr_ray.config import load_config
+from rfsr_ray.tune.sweep import run_sweep
+from tests.integration.test_training import mlflow_client, tiny_args
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sweep_args(tmp_path: Path, base: Path, name: str = "sweep", **extra: object) -> list[str]:
+    """A sweep of the tiny model: 1 worker per trial, 4 steps, validation every 2."""
+    args = {
+        "train.num_workers": 1,
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 2,
+        "tracking.experiment": "sweeps",
+        "tune.name": name,
+        "tune.storage_path": str(tmp_path / "tune"),
+        "tune.search": "grid",
+        "tune.max_concurrent_trials": 2,
+        "tune.space": "{split_index: {grid: [2]}, gram_weight: {grid: [0.5, 50.0]}}",
+        "tune.scheduler.kind": "none",
+    }
+    args.update({key.replace("__", "."): value for key, value in extra.items()})
+    return tiny_args(tmp_path, base, "unused") + [f"{k}={v}" for k, v in args.items()]
+
+
+def sweep_runs(tmp_path: Path):
+    client = mlflow_client(tmp_path)
+    experiment = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("rfsr.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_trial_sweep_writes_table_plots_child_runs_and_best_config(
+    ray_cluster, tmp_path, base_model, capsys
+):
+    assert tune_pipeline.main(sweep_args(tmp_path, base_model)) == 0
+    out = capsys.readouterr().out
+    sweep_dir = tmp_path / "tune" / "sweep"
+    assert "| trial |" in out and "pipelines/finetune.py --config" in out
+    rows = read_rows(sweep_dir / "results.csv")
+    assert sorted(float(r["gram_weight"]) for r in rows) == [0.5, 50.0]
+    for row in rows:
+        assert (row["structure_end"], row["reward_start"], row["steps"]) == ("1", "2", "4")
+        assert row["asha_stopped"] == "False" and row["status"] == "ok"
+        for key in ("reward_gain", "psnr_change_db", "gram_distance", "objective"):
+            assert math.isfinite(float(row[key])), key
+    for plot in ("fidelity_perception.png", "objective_heatmap.png"):
+        image = Image.open(sweep_dir / plot).convert("L")
+        assert image.size[0] > 300 and len(set(image.getdata())) > 20  # drawn, not blank
+    best = load_config(sweep_dir / "best_config.yaml")
+    assert best.schedule.split.reward_start == 2 and best.losses.gram.weight in (0.5, 50.0)
+    assert best.output.run_name == "sweep_best" and not best.tune.space.parameters()
+
+    parents, children = sweep_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(float(c.data.params["losses.gram.weight"]) for c in children) == [0.5, 50.0]
+    assert {c.data.params["schedule.split.reward_start"] for c in children} == {"2"}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    client = mlflow_client(tmp_path)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_objective")
+        assert sorted(m.step for m in history) == [0, 2, 4]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "fidelity_perception.png", "best_config.yaml"} <= artifacts
+
+
+def test_asha_stops_a_clearly_worse_trial_early(ray_cluster, tmp_path, base_model):
+    """Scripted trials: the objective is −gram_weight, reported at every step. With one trial at
+    a time, the good one (gram 1) runs first, so the bad one (gram 100) meets a full rung."""
+
+    def scripted_trial(params, context):
+        from ray import tune
+
+        for step in range(1, context.cfg.train.steps + 1):
+            tune.report(
+                {
+                    "step": step,
+                    "val_objective": -params["gram_weight"],
+                    "val_reward_gain": -params["gram_weight"],
+                    "val_psnr_gain": 0.0,
+                }
+            )
+
+    args = sweep_args(
+        tmp_path,
+        base_model,
+        "asha",
+        train__steps=8,
+        train__validate_every=1,
+        train__checkpoint_every=1,
+        tune__max_concurrent_trials=1,
+        tune__space="{gram_weight: {grid: [1.0, 100.0]}}",
+        tune__scheduler="{kind: asha, grace_period: 1, reduction_factor: 2}",
+    )
+    cfg = load_config(None, args)
+    outcome = run_sweep(cfg, trial_fn=scripted_trial)
+    rows = {row.params["gram_weight"]: row for row in outcome.rows}
+    assert rows[1.0].steps == 8 and not rows[1.0].asha_stopped
+    assert rows[100.0].steps < 8 and rows[100.0].asha_stopped
+    assert outcome.best.params == {"gram_weight": 1.0}
+    _, children = sweep_runs(tmp_path)
+    assert children == []  # scripted trials log nothing; the parent alone exists
+
+
+def test_rejected_spaces_name_the_parameter_before_any_trial(tmp_path, base_model, capsys):
+    cases = {
+        "{split_index: {grid: [2, 4]}}": "tune.space.split_index=4",  # no reward window left
+        "{gram_weight: {grid: [-1.0, 1.0]}}": "tune.space.gram_weight=-1",
+        "{gram_weight: {loguniform: [0, 1]}}": "tune.space.gram_weight",
+        "{structure_end: {grid: [1, 2]}, reward_start: {grid: [2]}}": "structure_end=2",
+        "{reward_weights: {fsim: {grid: [1.0]}}}": "no reward term named 'fsim'",
+    }
+    for space, message in cases.items():
+        args = sweep_args(tmp_path, base_model, tune__space=space)
+        assert tune_pipeline.main(args) == 2, space
+        err = capsys.readouterr().err
+        assert "ConfigError" in err and message in err, (space, err)
+    assert not (tmp_path / "tune").exists()  # nothing started
+
+
+def test_killed_sweep_resumes_instead_of_starting_over(tmp_path, base_model):
+    """Kill the sweep process while the second of two trials runs; the re-run keeps the finished
+    trial and continues the other from its checkpoint."""
+    args = sweep_args(
+        tmp_path,
+        base_model,
+        "resume",
+        train__steps=6,
+        tune__max_concurrent_trials=1,
+        tune__space="{gram_weight: {grid: [0.5, 50.0]}}",
+    )
+    command = [sys.executable, "pipelines/tune.py", *args]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    train_dir = tmp_path / "tune" / "resume" / "train"
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and process.poll() is None:
+            done = [t for t in train_dir.glob("trial_*") if (t / "model").is_dir()]
+            running = [
+                t
+                for t in train_dir.glob("trial_*")
+                if t not in done and list(t.glob("checkpoint_*/COMPLETE"))
+            ]
+            if done and running:
+                break
+            time.sleep(0.5)
+        else:
+            log_text = (tmp_path / "first.log").read_text()
+            pytest.fail(f"no state with one trial done and one checkpointed:\n{log_text}")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    (first,), (second,) = done, running
+    assert len(list(train_dir.glob("trial_*"))) == 2  # one trial at a time
+    finished_checkpoints = sorted(p.name for p in first.glob("checkpoint_0*"))
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "sweep folder (resumed)" in rerun.stdout
+    assert "resuming" in rerun.stdout + rerun.stderr  # the second trial picked up its checkpoint
+    assert sorted(p.name for p in first.glob("checkpoint_0*")) == finished_checkpoints
+    assert (second / "model").is_dir()
+    rows = read_rows(tmp_path / "tune" / "resume" / "results.csv")
+    assert len(rows) == 2 and {r["steps"] for r in rows} == {"6"}
+    parents, children = sweep_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2  # same parent, one child per trial
