@@ -198,3 +198,33 @@ def test_killed_sweep_resumes_instead_of_starting_over(tmp_path, base_model):
     assert len(rows) == 2 and {r["steps"] for r in rows} == {"6"}
     parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 2  # same parent, one child per trial
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_sampled_searches_draw_inside_the_declared_ranges(ray_cluster, tmp_path, search):
+    """Random and Optuna search over a log-uniform weight and an integer split, with scripted
+    trials (the objective prefers a small Gram weight)."""
+
+    def scripted_trial(params, context):
+        from ray import tune
+
+        tune.report({"step": context.cfg.train.steps, "val_objective": -params["gram_weight"]})
+
+    args = sweep_args(
+        tmp_path,
+        Path("unused"),
+        search,
+        tracking__enabled="false",
+        tune__search=search,
+        tune__num_samples=4,
+        tune__space="{split_index: {randint: [1, 3]}, gram_weight: {loguniform: [1.0e-3, 1.0]}}",
+    )
+    outcome = run_sweep(load_config(None, args), trial_fn=scripted_trial)
+    assert len(outcome.rows) == 4
+    for row in outcome.rows:
+        assert 1 <= row.params["split_index"] <= 3
+        assert 1e-3 <= row.params["gram_weight"] <= 1.0
+        assert row.reward_start == row.params["split_index"]
+    assert len({row.params["gram_weight"] for row in outcome.rows}) == 4
+    assert outcome.best.gram_weight == min(row.gram_weight for row in outcome.rows)
+    assert outcome.best_config is not None and outcome.best_config.is_file()

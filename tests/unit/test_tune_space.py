@@ -168,3 +168,6 @@ def test_tune_config_file_loads_and_validates():
     cfg = load_config("configs/tune/tiny_split_gram.yaml")
     validate_sweep(cfg)
     assert cfg.tune.max_concurrent_trials == 2 and cfg.train.num_workers == 1
+    cluster = load_config("configs/tune/gpu_cluster.yaml")
+    validate_sweep(cluster)
+    assert len(cluster.tune.space.parameters()) == 3
