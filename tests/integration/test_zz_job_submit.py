@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_training import ROOT, base_model, tiny_args  # noqa: F401
+from tests.integration.test_training import ROOT, tiny_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def test_ray_job_submit_runs_finetune_on_a_started_cluster(tmp_path, base_model):  # noqa: F811
+def test_ray_job_submit_runs_finetune_on_a_started_cluster(tmp_path, base_model):
     import ray
 
     ray.shutdown()
