@@ -12,8 +12,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
 from rfsr_ray.cli import run_main
@@ -21,29 +19,9 @@ from rfsr_ray.config import RFSRConfig
 from rfsr_ray.data.decode import decode_image
 from rfsr_ray.data.sources import IMAGE_EXTENSIONS
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.images import to_tensor, to_uint8
-from rfsr_ray.models import ISRDiffusionModel, load_model
-from rfsr_ray.train.checkpoint import COMPLETE_MARKER, model_from_checkpoint
+from rfsr_ray.eval.inference import load_any, tiled_super_resolve
 
 log = logging.getLogger("rfsr_ray.upscale")
-PAD_MULTIPLE = 16  # UNet down-sampling needs sides divisible by 2^depth
-
-
-def load_any(path: Path) -> ISRDiffusionModel:
-    if (path / COMPLETE_MARKER).is_file():
-        return model_from_checkpoint(path)
-    return load_model(path)
-
-
-def super_resolve(model: ISRDiffusionModel, image: np.ndarray, steps: int, seed: int) -> np.ndarray:
-    """uint8 (h, w, 3) → uint8 (h·s, w·s, 3); reflect-pads to the UNet's multiple, then crops."""
-    height, width = image.shape[:2]
-    pad_h, pad_w = -height % PAD_MULTIPLE, -width % PAD_MULTIPLE
-    mode = "reflect" if pad_h < height and pad_w < width else "edge"
-    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
-    generator = torch.Generator().manual_seed(seed)
-    sr = model.sample(to_tensor(padded[None]), steps, generator)
-    return to_uint8(sr)[0, : height * model.scale, : width * model.scale]
 
 
 def upscale(cfg: RFSRConfig) -> int:
@@ -68,7 +46,10 @@ def upscale(cfg: RFSRConfig) -> int:
             continue
         target = Path(infer.output) / path.relative_to(source).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(super_resolve(model, decoded.image, steps, infer.seed)).save(target)
+        # Inputs larger than eval.tile_size (LR px) are tiled, as in pipelines/evaluate.py.
+        tile, overlap = cfg.eval.tile_size, cfg.eval.tile_overlap
+        sr = tiled_super_resolve(model, decoded.image, steps, infer.seed, tile, overlap)
+        Image.fromarray(sr).save(target)
         counts["written"] += 1
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "written")
     print(f"wrote {counts['written']} images to {infer.output}; skipped: {skipped or 'none'}")

@@ -477,6 +477,84 @@ class TuneConfig(StrictModel):
     scheduler: SchedulerConfig = SchedulerConfig()
 
 
+# ---------------------------------------------------------------------------------------- eval
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
+
+
+class EvalModelConfig(StrictModel):
+    name: Name
+    path: str = Field(description="exported model folder or training checkpoint folder")
+
+
+class TestSetConfig(StrictModel):
+    """One test set. `paired`: LR and HR folders with matching relative names (RealSR, DRealSR,
+    DIV2K-val layout). `parquet`: a pair set from prepare_data.py. `synthetic`: pairs made from an
+    HR source (folder, Parquet, builtin) with `degradation` and the seed `eval.seed`. `lr_only`:
+    an LR folder (no-reference metrics only)."""
+
+    name: Name
+    kind: Literal["paired", "parquet", "synthetic", "lr_only"]
+    lr: str | None = Field(None, description="LR folder (paired, lr_only)")
+    hr: str | None = Field(None, description="HR folder (paired)")
+    path: str | None = Field(None, description="pair set folder (parquet)")
+    source: SourceConfig | None = Field(None, description="HR source (synthetic)")
+    degradation: Literal["bicubic", "mild", "realesrgan_x4plus"] = "bicubic"
+    crop: int | None = Field(None, ge=8, description="synthetic: centre-crop HR to this side")
+    limit: int | None = Field(None, ge=1, description="first N images (sorted by id)")
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> TestSetConfig:
+        needed = {"paired": ("lr", "hr"), "parquet": ("path",), "synthetic": ("source",),
+                  "lr_only": ("lr",)}[self.kind]  # fmt: skip
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"test set {self.name!r} of kind {self.kind} needs {' and '.join(missing)}, "
+                f"e.g. {{name: {self.name}, kind: {self.kind}, "
+                + ", ".join(f"{n}: /data/{n}" for n in needed)
+                + "}"
+            )
+        return self
+
+
+class EvalConfig(StrictModel):
+    """pipelines/evaluate.py: models × test sets → metrics, tables, report, MLflow run."""
+
+    name: Name = "eval"
+    output: str = "outputs/eval"
+    models: tuple[EvalModelConfig, ...] = ()
+    baseline: str | None = Field(None, description="model the deltas are against (first)")
+    test_sets: tuple[TestSetConfig, ...] = ()
+    metrics: tuple[str, ...] = (
+        "psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa",
+    )  # fmt: skip
+    num_inference_steps: int | None = Field(None, ge=1, description="default: schedule's")
+    seed: int = Field(0, ge=0)
+    tile_size: int = Field(64, ge=8, description="LR tile side; larger LR images are tiled")
+    tile_overlap: int = Field(16, ge=0)
+    color_fix: Literal["none", "adain", "wavelet"] = "none"
+    save_images: bool = Field(False, description="write every SR output as PNG")
+    actors_per_model: int = Field(1, ge=1)
+    use_gpu: bool = False
+    report_images: int = Field(4, ge=0, description="images per test set in the report")
+    report_crop: int = Field(128, ge=16, description="side of the HR-scale report crops")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        for what, names in (("models", [m.name for m in self.models]),
+                            ("test_sets", [t.name for t in self.test_sets])):  # fmt: skip
+            if len(set(names)) != len(names):
+                raise ValueError(f"eval.{what} names must be unique, got {names}")
+        if self.baseline is not None and self.baseline not in [m.name for m in self.models]:
+            raise ValueError(f"eval.baseline={self.baseline!r} is not one of eval.models")
+        if self.tile_overlap * 2 >= self.tile_size:
+            raise ValueError(
+                f"eval.tile_overlap={self.tile_overlap} must be < eval.tile_size/2="
+                f"{self.tile_size // 2}"
+            )
+        return self
+
+
 # ---------------------------------------------------------------------------------------- rest
 class TrackingConfig(StrictModel):
     uri: str | None = Field(
@@ -516,6 +594,7 @@ class RFSRConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     infer: InferConfig = InferConfig()
     tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _windows_inside_schedule(self) -> RFSRConfig:
@@ -637,6 +716,14 @@ def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
     for key in ("model", "input", "output"):
         tree["infer"][key] = _absolute(tree["infer"][key])
     tree["tune"]["storage_path"] = _absolute(tree["tune"]["storage_path"])
+    tree["eval"]["output"] = _absolute(tree["eval"]["output"])
+    for model in tree["eval"]["models"]:
+        model["path"] = _absolute(model["path"])
+    for test_set in tree["eval"]["test_sets"]:
+        for key in ("lr", "hr", "path"):
+            test_set[key] = _absolute(test_set[key])
+        if test_set["source"] is not None:
+            test_set["source"]["path"] = _absolute(test_set["source"]["path"])
     return build_config(tree)
 
 

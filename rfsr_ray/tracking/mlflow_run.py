@@ -195,3 +195,17 @@ def find_child_run(parent: RunHandle, tag: str, value: str) -> str | None:
 def reopen_run(tracking_uri: str, run_id: str) -> RunHandle:
     run = _client(tracking_uri).get_run(run_id)
     return RunHandle(tracking_uri, run_id, run.info.experiment_id)
+
+
+def tag_if_present(tracking_uri: str, run_id: str, tags: dict[str, str]) -> bool:
+    """Tag a run that may live in another store; False (no error) when it is not found here."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = _client(tracking_uri)
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return True

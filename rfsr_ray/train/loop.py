@@ -8,6 +8,7 @@ to MLflow, validates and exports.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import tempfile
@@ -316,6 +317,9 @@ def _finish(
     with ema_weights(state):
         state.model.save(export)
     cfg.save(export / "config.yaml")
+    if context.run is not None:  # lets an evaluation run link back to this training run
+        record = {"run_id": context.run.run_id, "tracking_uri": context.run.tracking_uri}
+        (export / "training_run.json").write_text(json.dumps(record, indent=2))
     if context.run is not None:
         mlflow_run.log_artifact(context.run, export, "model")
     if validator is None or validator.last is None:

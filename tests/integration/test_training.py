@@ -11,6 +11,7 @@ from PIL import Image
 from pipelines import finetune, pretrain, upscale
 from rfsr_ray.config import load_config
 from rfsr_ray.errors import TrackingError
+from rfsr_ray.eval.run import training_run_id
 from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import check_reachable
 from tests.conftest import natural_image
@@ -91,6 +92,8 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "validation", "final_table.md"} <= artifacts
     run_dir = tmp_path / "runs" / "run"
+    assert training_run_id(run_dir / "model") == run.info.run_id  # evaluation links back
+    assert training_run_id(run_dir / "checkpoint_00000003") == run.info.run_id
     exported = load_model(run_dir / "model")
     sr = exported.sample(torch.rand(1, 3, 8, 8), 4, torch.Generator().manual_seed(0))
     assert sr.shape == (1, 3, 32, 32)
