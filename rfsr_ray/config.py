@@ -535,7 +535,9 @@ class EvalConfig(StrictModel):
     color_fix: Literal["none", "adain", "wavelet"] = "none"
     save_images: bool = Field(False, description="write every SR output as PNG")
     actors_per_model: int = Field(1, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool | None = Field(
+        None, description="one GPU per actor; None: if the cluster has GPUs"
+    )
     report_images: int = Field(4, ge=0, description="images per test set in the report")
     report_crop: int = Field(128, ge=16, description="side of the HR-scale report crops")
 

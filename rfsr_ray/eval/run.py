@@ -99,7 +99,10 @@ def _score(
     cfg: RFSRConfig, pairs: ray.data.Dataset, model: ModelInfo, metrics: list[MetricInfo]
 ) -> list[dict[str, Any]]:
     settings = cfg.eval
-    gpu = {"num_gpus": 1, "num_cpus": 0} if settings.use_gpu else {"num_cpus": 1}
+    use_gpu = settings.use_gpu
+    if use_gpu is None:  # one GPU per actor whenever the cluster has GPUs
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    gpu = {"num_gpus": 1, "num_cpus": 0} if use_gpu else {"num_cpus": 1}
     pool = ray.data.ActorPoolStrategy(size=settings.actors_per_model)
     save_dir = str(Path(settings.output) / settings.name / "sr") if settings.save_images else None
     upscaled = pairs.map_batches(
