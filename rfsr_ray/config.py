@@ -294,10 +294,29 @@ class GramLossConfig(StrictModel):
     allow_random_vgg: bool = False
 
 
+DEFAULT_HELD_OUT = ("psnr", "ssim", "piqe")  # fidelity plus a no-reference metric
+
+
+class HackingMonitorConfig(StrictModel):
+    """Reward-hacking monitor, checked at every validation: a signal when the optimised reward
+    rises while a held-out (not optimised) metric falls by more than `threshold` (relative, in
+    its better direction) since the previous validation, for `patience` validations in a row."""
+
+    enabled: bool = True
+    held_out: tuple[str, ...] | None = Field(
+        None,
+        description="pyiqa metrics never optimised; default psnr, ssim, piqe minus the rewards",
+    )
+    threshold: float = Field(0.002, ge=0, description="relative fall per validation, 0.002=0.2%")
+    patience: int = Field(2, ge=1, description="consecutive validations before the signal")
+    stop: bool = Field(False, description="end training (export as usual) on the signal")
+
+
 class LossesConfig(StrictModel):
     structure: StructureLossConfig = StructureLossConfig()
     reward: RewardLossConfig = RewardLossConfig()
     gram: GramLossConfig = GramLossConfig()
+    monitor: HackingMonitorConfig = HackingMonitorConfig()
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -610,6 +629,15 @@ class RFSRConfig(StrictModel):
                     f"losses.{name}.window=[{low}, {high}] must lie inside [0, {steps - 1}] "
                     f"(schedule.num_inference_steps={steps}), e.g. [0, {steps // 2}]"
                 )
+        monitor = self.losses.monitor
+        optimised = {term.name for term in self.losses.reward.terms}
+        explicit = monitor.held_out if monitor.enabled and monitor.held_out else ()
+        overlap = sorted(optimised & set(explicit))
+        if overlap:
+            raise ValueError(
+                f"losses.monitor.held_out={list(monitor.held_out)} includes {overlap}, which "
+                "losses.reward.terms optimises; a hacking monitor needs metrics nobody optimises"
+            )
         split = self.schedule.split
         if split is not None and split.reward_start >= steps:
             raise ValueError(
@@ -617,6 +645,17 @@ class RFSRConfig(StrictModel):
                 f"schedule.num_inference_steps={steps}"
             )
         return self
+
+    def held_out_metrics(self) -> tuple[str, ...]:
+        """The reward-hacking monitor's metrics: as configured, else the default list without
+        any metric a reward term optimises; () when the monitor is off."""
+        monitor = self.losses.monitor
+        if not monitor.enabled or self.train.objective != "rfsr":
+            return ()
+        if monitor.held_out is not None:
+            return monitor.held_out
+        optimised = {term.name for term in self.losses.reward.terms}
+        return tuple(name for name in DEFAULT_HELD_OUT if name not in optimised)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -14,7 +14,6 @@ Variants:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from torchvision.models import vgg19
 
 from rfsr_ray.config import GramLossConfig
 from rfsr_ray.errors import WeightsError
+from rfsr_ray.weights import vgg19_file
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def find_vgg_weights(explicit: str | None) -> Path | None:
-    """The VGG19 checkpoint: an explicit path, else torchvision's cache under $TORCH_HOME."""
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"losses.gram.vgg_weights={explicit!r} does not exist; download torchvision's "
-                f"{VGG19_FILE} on a machine with network access and copy it there"
-            )
-        return path
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    cached = torch_home / "hub" / "checkpoints" / VGG19_FILE
-    return cached if cached.is_file() else None
+    """The VGG19 checkpoint: an explicit path, else torchvision's cache under $TORCH_HOME
+    (resolved by `rfsr_ray.weights`, which every weight lookup goes through)."""
+    path = vgg19_file(explicit)
+    if explicit and not path.is_file():
+        raise WeightsError(
+            f"losses.gram.vgg_weights={explicit!r} does not exist; download torchvision's "
+            f"{VGG19_FILE} on a machine with network access and copy it there"
+        )
+    return path if path.is_file() else None
 
 
 class VGGFeatures(nn.Module):

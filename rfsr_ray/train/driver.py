@@ -24,6 +24,7 @@ from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.train.checkpoint import Progress, read_progress
 from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
 from rfsr_ray.train.validate import ValidationSet
+from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
 
@@ -116,6 +117,7 @@ def run_training(
     tags: extra MLflow tags of a new run (`mlflow.parentRunId` nests it under a sweep).
     run_id: an MLflow run to continue when no checkpoint names one (a restarted sweep trial).
     """
+    require_weights(cfg)  # every missing weight at once, before data or workers start
     run_dir = run_dir_of(cfg)
     latest = latest_checkpoint(run_dir)
     previous = latest[1] if latest else None

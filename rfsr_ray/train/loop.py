@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,8 @@ from rfsr_ray.train.step import (
     optimizer_step,
 )
 from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table
-from rfsr_ray.tune.objective import objective_parts
+from rfsr_ray.tune.objective import objective_parts, objective_reward
+from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
 
@@ -157,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: RFSRConfig = config["cfg"]
     context: LoopContext = config["context"]
     rank = ray.train.get_context().get_world_rank()
+    # Nodes can differ in what they have staged: check this one before the model or data start.
+    require_weights(cfg, where=f"rank {rank} ({socket.gethostname()})")
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed, rank)
     model = build_model(cfg.model, cfg.data.scale)
@@ -200,7 +204,8 @@ def _train(
         timing.total_seconds += time.perf_counter() - started
         timing.samples += sum(len(b.lr_image) for b in micro_batches)
         _record(result, timing, state, cfg, context, rank)
-        _report(state, cfg, context, progress, rank, validator)
+        if _report(state, cfg, context, progress, rank, validator):
+            break
 
 
 def _record(
@@ -245,16 +250,23 @@ def _report(
     progress: Progress,
     rank: int,
     validator: Validator | None,
-) -> None:
-    """Validation and checkpoint steps: every rank reports, rank 0 attaches the checkpoint."""
+) -> bool:
+    """Validation and checkpoint steps: every rank reports, rank 0 attaches the checkpoint.
+    Returns True when training must end early (the hacking monitor's stop)."""
     last = state.step >= cfg.train.steps
     validate_now = last or state.step % cfg.train.validate_every == 0
     checkpoint_now = last or state.step % cfg.train.checkpoint_every == 0
     if not (validate_now or checkpoint_now):
-        return
+        return False
     metrics: dict[str, float] = {"step": state.step}
     if validate_now and validator is not None:
         metrics.update(_validate(state, validator, context, cfg))
+    stop = False
+    if validate_now and cfg.losses.monitor.stop:  # every rank joins the vote
+        stop = any_rank(metrics.get("val_hacking_signal", 0.0) > 0)
+    if stop:
+        log.warning("step %d: reward-hacking signal; stopping (losses.monitor.stop)", state.step)
+        last = checkpoint_now = True
     if last:
         # Export before the final report: a Tune scheduler may stop the trial (killing this
         # process) as soon as it sees the last result.
@@ -263,7 +275,7 @@ def _report(
             _finish(state, validator, context, cfg)
     if not checkpoint_now:
         ray.train.report(metrics)
-        return
+        return False
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank == 0:
@@ -272,6 +284,7 @@ def _report(
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:08d}"
         )
+    return stop
 
 
 def _validate(
@@ -292,6 +305,8 @@ def _validate(
         parts = objective_parts(cfg, metrics)
         metrics["val_reward_gain"] = parts["reward_gain"]
         metrics["val_objective"] = parts["objective"]
+    if validator.monitor is not None:
+        metrics.update(_check_hacking(validator, current, cfg, state.step))
     grid_path = Path(context.run_dir) / "validation" / f"grid_step_{state.step:08d}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(grid_path)
@@ -306,6 +321,25 @@ def _validate(
             mlflow_run.log_metrics(context.run, {f"base_{k}": v for k, v in base.items()}, 0)
         mlflow_run.log_artifact(context.run, grid_path, "validation")
     return metrics
+
+
+def _check_hacking(
+    validator: Validator, current: dict[str, float], cfg: RFSRConfig, step: int
+) -> dict[str, float]:
+    """Feed the monitor this validation; warn when it fires."""
+    assert validator.monitor is not None
+    reward = current[f"reward_{objective_reward(cfg)}"]
+    signal = validator.monitor.update(reward, validator.held_out_values(current))
+    if signal.fired:
+        falling = ", ".join(f"{k} −{v:.2%}" for k, v in signal.falling.items())
+        log.warning(
+            "step %d: possible reward hacking: the optimised reward rose for %d validations "
+            "while held-out metrics fell (%s)",
+            step,
+            signal.streak,
+            falling,
+        )
+    return {"val_hacking_streak": signal.streak, "val_hacking_signal": float(signal.fired)}
 
 
 def _finish(
@@ -324,7 +358,7 @@ def _finish(
         mlflow_run.log_artifact(context.run, export, "model")
     if validator is None or validator.last is None:
         return
-    table = comparison_table(validator.base(state.model), validator.last)
+    table = comparison_table(validator.base(state.model), validator.last, validator.lower_better)
     (run_dir / "final_table.md").write_text(table + "\n")
     if context.run is not None:
         mlflow_run.log_artifact(context.run, run_dir / "final_table.md")

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from rfsr_ray.config import RFSRConfig
+from rfsr_ray.eval.metrics import create as create_metric
 from rfsr_ray.images import image_grid, to_tensor, to_uint8
+from rfsr_ray.losses.monitor import HackingMonitor
 from rfsr_ray.losses.objective import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
 
@@ -52,6 +54,13 @@ class Validator:
         )
         self.rewards = list(losses.rewards) if losses is not None else []
         self.gram = losses.gram if losses is not None else None
+        monitor = cfg.losses.monitor
+        # Held-out metrics beyond PSNR/SSIM (e.g. a no-reference one), for the hacking monitor.
+        extra = [n for n in cfg.held_out_metrics() if n not in ("psnr", "ssim")]
+        self.held_out = {name: create_metric(name, device) for name in extra}
+        self.lower_better = {name: bool(m.lower_better) for name, m in self.held_out.items()}
+        reward = self.rewards and cfg.train.objective == "rfsr" and monitor.enabled
+        self.monitor = HackingMonitor(monitor) if reward else None
         self.base_sr: torch.Tensor | None = None
         self.last: dict[str, float] | None = None  # metrics of the latest `run`
 
@@ -76,6 +85,9 @@ class Validator:
             "psnr": float(self.psnr(sr, self.hr).mean()),
             "ssim": float(self.ssim(sr, self.hr).mean()),
         }
+        for name, metric in self.held_out.items():
+            args = (sr, self.hr) if metric.metric_mode == "FR" else (sr,)
+            values[name] = float(metric(*args).mean())
         for term in self.rewards:
             values[f"reward_{term.cfg.name}"] = float(
                 term.reward(sr, hr=self.hr, lr=self.lr).mean()
@@ -105,12 +117,21 @@ class Validator:
         columns = [to_uint8(x[:rows]) for x in (upscaled, self.base_sr, sr, self.hr)]
         return image_grid([list(panels) for panels in zip(*columns, strict=True)])
 
+    def held_out_values(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The monitor's held-out metrics from `metrics`, negated where lower is better."""
+        names = [n for n in self.cfg.held_out_metrics() if n in metrics]
+        return {n: -metrics[n] if self.lower_better.get(n, False) else metrics[n] for n in names}
 
-def comparison_table(base: dict[str, float], tuned: dict[str, float]) -> str:
+
+def comparison_table(
+    base: dict[str, float], tuned: dict[str, float], lower_better: dict[str, bool] | None = None
+) -> str:
     """Markdown table: metric | base | fine-tuned | delta, with ↑/↓ direction."""
     lines = ["| metric | base | fine-tuned | Δ |", "|---|---:|---:|---:|"]
+    directions = {name: not higher for name, higher in HIGHER_IS_BETTER.items()}
+    directions.update(lower_better or {})
     for name in tuned:
-        arrow = "↓" if not HIGHER_IS_BETTER.get(name, True) else "↑"
+        arrow = "↓" if directions.get(name, False) else "↑"
         before = base.get(name, float("nan"))
         lines.append(
             f"| {name} {arrow} | {before:.4f} | {tuned[name]:.4f} | {tuned[name] - before:+.4f} |"

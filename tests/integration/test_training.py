@@ -84,6 +84,8 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
         "data_wait_fraction",
         "val_psnr",
         "val_reward_gmsd",
+        "val_piqe",  # a held-out metric of the reward-hacking monitor
+        "val_hacking_streak",
         "data_pairs",
     ):
         history = client.get_metric_history(run.info.run_id, name)

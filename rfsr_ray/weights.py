@@ -1,0 +1,169 @@
+"""Every pretrained weight a config needs, resolved in one place.
+
+Where each kind is looked for, in order:
+- model folders (`model.pretrained`, `eval.models`): the configured path;
+- VGG19 for the Gram regulariser: `losses.gram.vgg_weights`, then torchvision's cache
+  `$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth` (unless `losses.gram.allow_random_vgg`);
+- pyiqa metrics (rewards, held-out monitor metrics, evaluation metrics): pyiqa's cache
+  (`$TORCH_HOME/hub/pyiqa`), torch hub's checkpoints and the Hugging Face cache (`$HF_HOME`; set
+  `HF_HUB_OFFLINE=1` on air-gapped nodes). A metric counts as present when it builds.
+
+`stage_env(dir)` lays those caches out under one folder, so a folder filled by
+`pipelines/weights.py download` on a machine with network access can be synced to every node
+and used there by pointing `TORCH_HOME` and `HF_HOME` at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rfsr_ray.config import RFSRConfig
+from rfsr_ray.errors import WeightsError
+
+# pyiqa metrics that load no pretrained file.
+WEIGHT_FREE_METRICS = frozenset(
+    ("psnr", "ssim", "fsim", "vsi", "gmsd", "nlpd", "mad", "vif", "cw_ssim", "piqe", "entropy")
+)
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class WeightNeed:
+    kind: Literal["model", "vgg19", "pyiqa"]
+    name: str  # a folder, a file name or a pyiqa metric name
+    used_by: str  # the config key that asks for it
+
+
+def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> list[WeightNeed]:
+    """What `cfg` needs (for training only, or also for evaluation), de-duplicated."""
+    needs: list[WeightNeed] = []
+    if cfg.model.pretrained and cfg.model.pretrain_config is None:
+        needs.append(WeightNeed("model", cfg.model.pretrained, "model.pretrained"))
+    losses = cfg.losses
+    rfsr = cfg.train.objective == "rfsr"
+    if rfsr and losses.gram.enabled and not losses.gram.allow_random_vgg:
+        needs.append(WeightNeed("vgg19", "vgg19-dcbb9e9d.pth", "losses.gram"))
+    if rfsr and losses.reward.enabled:
+        needs += [WeightNeed("pyiqa", t.name, "losses.reward.terms") for t in losses.reward.terms]
+    needs += [WeightNeed("pyiqa", n, "losses.monitor.held_out") for n in cfg.held_out_metrics()]
+    if scope == "all":
+        needs += [WeightNeed("model", m.path, f"eval.models {m.name}") for m in cfg.eval.models]
+    if scope == "all" and cfg.eval.models:
+        needs += [WeightNeed("pyiqa", n, "eval.metrics") for n in cfg.eval.metrics]
+    unique: dict[tuple[str, str], WeightNeed] = {}
+    for need in needs:
+        if not (need.kind == "pyiqa" and need.name in WEIGHT_FREE_METRICS):
+            unique.setdefault((need.kind, need.name), need)
+    return list(unique.values())
+
+
+def vgg19_file(explicit: str | None) -> Path:
+    """Where the VGG19 checkpoint is (or would be): the explicit path, else torchvision's cache."""
+    if explicit:
+        return Path(explicit).expanduser()
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    return torch_home / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+
+
+def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
+    """None when `need` is present here, else how to provide it."""
+    if need.kind == "model":
+        if Path(need.name).exists():
+            return None
+        return f"folder {need.name} does not exist; copy the model folder there"
+    if need.kind == "vgg19":
+        path = vgg19_file(cfg.losses.gram.vgg_weights)
+        if path.is_file():
+            return None
+        return (
+            f"{path} not found; download {VGG19_URL} (or run pipelines/weights.py download) and "
+            "copy it there, set losses.gram.vgg_weights, or allow_random_vgg=true"
+        )
+    from rfsr_ray.eval.metrics import create
+
+    try:
+        create(need.name)
+    except Exception as error:  # pyiqa raises URLError, OSError, HF errors, ...
+        first = str(error).strip().splitlines()[0][:160] if str(error) else ""
+        return (
+            f"pyiqa metric {need.name} does not build offline ({type(error).__name__}: {first}); "
+            "stage it with pipelines/weights.py download and point $TORCH_HOME / $HF_HOME at "
+            "the staged folder"
+        )
+    return None
+
+
+def require_weights(cfg: RFSRConfig, where: str = "") -> None:
+    """Raise one WeightsError listing every weight training needs and cannot find here."""
+    needs = weights_needed(cfg, "train")
+    missing = [(need, why) for need in needs if (why := why_missing(need, cfg))]
+    if missing:
+        lines = "\n".join(f"  - {need.used_by}: {why}" for need, why in missing)
+        place = f" on {where}" if where else ""
+        raise WeightsError(f"{len(missing)} pretrained weight(s) missing{place}:\n{lines}")
+
+
+def stage_env(directory: Path, offline: bool) -> dict[str, str]:
+    """Environment that makes torch hub, pyiqa and Hugging Face use caches under `directory`."""
+    env = {"TORCH_HOME": str(directory / "torch"), "HF_HOME": str(directory / "huggingface")}
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _files(directory: Path) -> Iterable[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """Record every staged file's size and SHA-256, for `verify_manifest` on the other side."""
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+               for p in _files(directory)}  # fmt: skip
+    path = directory / MANIFEST
+    path.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    return path
+
+
+def verify_manifest(directory: Path) -> list[str]:
+    """Problems with a staged folder: no manifest, missing files, changed files."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return [f"{manifest} missing: stage the folder with pipelines/weights.py download"]
+    problems = []
+    for name, entry in json.loads(manifest.read_text()).items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest (corrupt or partial copy)")
+    return problems
+
+
+def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
+    """Download one need into the caches the environment points at (network required)."""
+    if need.kind == "vgg19":
+        from torch.hub import download_url_to_file
+
+        target = vgg19_file(None)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_file():
+            download_url_to_file(VGG19_URL, str(target))
+    elif need.kind == "pyiqa":
+        from rfsr_ray.eval.metrics import create
+
+        create(need.name)  # pyiqa downloads what the metric needs into its caches
