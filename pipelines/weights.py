@@ -19,6 +19,7 @@ from pathlib import Path
 from rfsr_ray.config import load_config, with_absolute_paths
 from rfsr_ray.errors import RFSRError
 from rfsr_ray.weights import (
+    block_downloads,
     fetch,
     stage_env,
     verify_manifest,
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
         needs = weights_needed(cfg)
         if args.action == "_resolve":  # child process: caches already point at the folder
+            if not args.fetch:
+                block_downloads()
             for need in needs:
                 if args.fetch:
                     fetch(need, cfg)

@@ -275,6 +275,9 @@ class RewardConfig(StrictModel):
     weight: float = Field(5e-5, ge=0)
     form: Literal["hinge", "linear"] = "hinge"
     margin: float = 2.0
+    normalize: bool = Field(
+        False, description="map the score to [0, 1] with the metric's score range (pyiqa)"
+    )
 
 
 class RewardLossConfig(StrictModel):

@@ -167,3 +167,16 @@ def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
         from rfsr_ray.eval.metrics import create
 
         create(need.name)  # pyiqa downloads what the metric needs into its caches
+
+
+def block_downloads() -> None:
+    """Make every torch hub / pyiqa download fail at once (for `verify`, which must only look
+    at what is staged, even on a machine that has network access)."""
+    import torch.hub
+    from pyiqa.utils import download_util
+
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        raise WeightsError(f"not staged (verify never downloads): {url}")
+
+    torch.hub.download_url_to_file = refuse
+    download_util.download_url_to_file = refuse

@@ -53,7 +53,9 @@ class Reward(Protocol):
 class PyiqaReward(nn.Module):
     """A pyiqa metric as a higher-is-better differentiable reward."""
 
-    def __init__(self, name: str, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, name: str, device: torch.device | str = "cpu", normalize: bool = False
+    ) -> None:
         super().__init__()
         import pyiqa  # heavy import, only when a reward is actually built
 
@@ -74,12 +76,15 @@ class PyiqaReward(nn.Module):
             ) from None
         self.metric = metric.requires_grad_(False)
         self.sign = -1.0 if metric.lower_better else 1.0
-        self.info = RewardInfo(
-            name,
-            metric.metric_mode == "FR",
-            True,
-            _flip_range(metric.score_range, metric.lower_better),
-        )
+        score_range = _flip_range(metric.score_range, metric.lower_better)
+        # Higher-is-better score s ↦ (s − low) / (high − low): rewards on one scale, so their
+        # weights and a hinge margin mean the same for every metric.
+        self.offset, self.span = 0.0, 1.0
+        if normalize:
+            self.offset, high = _parse_range(name, score_range)
+            self.span = high - self.offset
+            score_range = "0, 1"
+        self.info = RewardInfo(name, metric.metric_mode == "FR", True, score_range)
 
     def forward(
         self,
@@ -94,7 +99,8 @@ class PyiqaReward(nn.Module):
             score = self.metric(sr.float(), hr.float())
         else:
             score = self.metric(sr.float())
-        return self.sign * score.reshape(sr.shape[0], -1).mean(dim=1).float()
+        score = self.sign * score.reshape(sr.shape[0], -1).mean(dim=1).float()
+        return (score - self.offset) / self.span
 
 
 def _flip_range(score_range: str | None, lower_better: bool) -> str | None:
@@ -102,6 +108,20 @@ def _flip_range(score_range: str | None, lower_better: bool) -> str | None:
         return score_range
     low, _, high = score_range.partition(",")
     return f"-{high.strip()}, -{low.strip()}"
+
+
+def _parse_range(name: str, score_range: str | None) -> tuple[float, float]:
+    """ "~0, ~100" → (0.0, 100.0); pyiqa marks approximate bounds with "~"."""
+    try:
+        low, high = (float(part.strip().lstrip("~")) for part in (score_range or "").split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not low < high:
+        raise ConfigError(
+            f"reward {name!r} has no usable score range ({score_range!r}) to normalise with; "
+            "set normalize: false for it"
+        )
+    return low, high
 
 
 def check_differentiable(reward: Reward, size: int = 64) -> None:
@@ -146,6 +166,6 @@ class RewardTerm(nn.Module):
 
 def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardTerm:
     """A reward term by pyiqa name, refused at build time when it has no gradient."""
-    reward = PyiqaReward(cfg.name, device)
+    reward = PyiqaReward(cfg.name, device, cfg.normalize)
     check_differentiable(reward)
     return RewardTerm(reward, cfg)

@@ -1,0 +1,99 @@
+"""Learned pyiqa rewards built through the real weight-resolution path, from stand-in weight
+files (randomly initialised pyiqa architectures) laid out like the real caches: pyiqa's
+`$TORCH_HOME/hub/pyiqa` and torchvision's `$TORCH_HOME/hub/checkpoints`."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from rfsr_ray.config import RewardConfig, build_config
+from rfsr_ray.errors import WeightsError
+from rfsr_ray.losses.rewards import PyiqaReward, build_reward
+from rfsr_ray.weights import WeightNeed, why_missing
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty TORCH_HOME that pyiqa and torchvision both use for this test."""
+    from pyiqa.utils import download_util
+
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    # pyiqa fixes its cache folder at import; point it at this TORCH_HOME as a fresh import would.
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(home / "hub" / "pyiqa"))
+
+    def air_gapped(url, *args, **kwargs):  # the same on machines that do have network
+        raise urllib.error.URLError(f"air-gapped test node: {url}")
+
+    monkeypatch.setattr(download_util, "download_url_to_file", air_gapped)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", air_gapped)
+    return home
+
+
+def stage_musiq(home: Path) -> None:
+    from pyiqa.archs.musiq_arch import MUSIQ
+
+    torch.manual_seed(0)
+    target = home / "hub" / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(MUSIQ(pretrained=False).state_dict(), target)
+
+
+def stage_lpips(home: Path) -> None:
+    from pyiqa.archs.lpips_arch import LPIPS
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    backbone = home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    backbone.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(alexnet(weights=None).state_dict(), backbone)  # LPIPS's torchvision trunk
+    linear = home / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth"
+    linear.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(LPIPS(pretrained=False, net="alex").state_dict(), linear)
+
+
+def gradient(reward, sr, hr=None) -> torch.Tensor:
+    sr = sr.clone().requires_grad_(True)
+    reward(sr, hr=hr).sum().backward()
+    return sr.grad
+
+
+def test_no_reference_reward_from_staged_weights_has_gradients_and_normalises(torch_home):
+    stage_musiq(torch_home)
+    term = build_reward(RewardConfig(name="musiq", weight=1.0, form="linear"))
+    assert term.reward.info.score_range == "~0, ~100" and not term.reward.info.needs_hr
+    sr = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    grad = gradient(term.reward, sr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    normalised = PyiqaReward("musiq", normalize=True)
+    with torch.no_grad():
+        assert torch.allclose(normalised(sr), term.reward(sr) / 100.0, atol=1e-5)
+    assert normalised.info.score_range == "0, 1"
+
+
+def test_full_reference_reward_is_negated_when_lower_is_better(torch_home):
+    stage_lpips(torch_home)
+    reward = PyiqaReward("lpips")
+    assert reward.info.needs_hr and reward.info.score_range == "-1, -0"
+    generator = torch.Generator().manual_seed(2)
+    hr = torch.rand(2, 3, 64, 64, generator=generator)
+    noisy = (hr + 0.3 * torch.randn(2, 3, 64, 64, generator=generator)).clamp(0, 1)
+    with torch.no_grad():
+        assert (reward(hr, hr=hr) > reward(noisy, hr=hr)).all()  # closer to HR: higher reward
+        assert reward(hr, hr=hr).abs().max() < 1e-5
+    grad = gradient(reward, noisy, hr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_missing_weight_files_give_a_clear_error_and_are_listed(torch_home):
+    with pytest.raises(WeightsError, match="'musiq' could not be built"):
+        build_reward(RewardConfig(name="musiq"))
+    cfg = build_config()
+    need = WeightNeed("pyiqa", "musiq", "losses.reward.terms")
+    assert "does not build offline" in why_missing(need, cfg)
+    stage_musiq(torch_home)
+    assert why_missing(need, cfg) is None
