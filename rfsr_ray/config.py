@@ -278,6 +278,9 @@ class RewardConfig(StrictModel):
     normalize: bool = Field(
         False, description="map the score to [0, 1] with the metric's score range (pyiqa)"
     )
+    min_size: int | None = Field(
+        None, ge=8, description="upsample smaller images to this side first (e.g. 224, MANIQA)"
+    )
 
 
 class RewardLossConfig(StrictModel):

@@ -27,7 +27,7 @@ class RFSRLosses(nn.Module):
             StructureLoss(losses.structure) if "structure" in self.windows.windows else None
         )
         terms = (
-            [build_reward(term, device) for term in losses.reward.terms]
+            [build_reward(term, device, cfg.train.seed) for term in losses.reward.terms]
             if "reward" in self.windows.windows
             else []
         )

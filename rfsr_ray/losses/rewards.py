@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rfsr_ray.config import RewardConfig
@@ -54,9 +55,17 @@ class PyiqaReward(nn.Module):
     """A pyiqa metric as a higher-is-better differentiable reward."""
 
     def __init__(
-        self, name: str, device: torch.device | str = "cpu", normalize: bool = False
+        self,
+        name: str,
+        device: torch.device | str = "cpu",
+        normalize: bool = False,
+        min_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        # Some metrics crop at random (MANIQA, LIQE): each call draws from its own seeded
+        # stream, so runs repeat exactly without touching the caller's RNG.
+        self.seed, self.calls, self.min_size = seed, 0, min_size
         import pyiqa  # heavy import, only when a reward is actually built
 
         if name not in pyiqa.list_models():
@@ -93,14 +102,26 @@ class PyiqaReward(nn.Module):
         lr: torch.Tensor | None = None,
         prompt: list[str] | None = None,
     ) -> torch.Tensor:
-        if self.info.needs_hr:
-            if hr is None:
-                raise ValueError(f"reward {self.info.name!r} is full-reference and needs `hr`")
-            score = self.metric(sr.float(), hr.float())
-        else:
-            score = self.metric(sr.float())
+        if self.info.needs_hr and hr is None:
+            raise ValueError(f"reward {self.info.name!r} is full-reference and needs `hr`")
+        images = [self._fit(x.float()) for x in ((sr, hr) if self.info.needs_hr else (sr,))]
+        devices = [sr.device] if sr.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            self.calls += 1
+            score = self.metric(*images)
         score = self.sign * score.reshape(sr.shape[0], -1).mean(dim=1).float()
         return (score - self.offset) / self.span
+
+    def _fit(self, image: torch.Tensor) -> torch.Tensor:
+        """Upsample (differentiably) so the shorter side is at least `min_size`: metrics with a
+        fixed input size (224 for MANIQA's crops) refuse smaller images."""
+        shorter = min(image.shape[-2:])
+        if self.min_size is None or shorter >= self.min_size:
+            return image
+        factor = self.min_size / shorter
+        size = [max(self.min_size, round(side * factor)) for side in image.shape[-2:]]
+        return F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _flip_range(score_range: str | None, lower_better: bool) -> str | None:
@@ -164,8 +185,10 @@ class RewardTerm(nn.Module):
         return self.cfg.weight * per_sample.mean(), score.detach()
 
 
-def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardTerm:
+def build_reward(
+    cfg: RewardConfig, device: torch.device | str = "cpu", seed: int = 0
+) -> RewardTerm:
     """A reward term by pyiqa name, refused at build time when it has no gradient."""
-    reward = PyiqaReward(cfg.name, device, cfg.normalize)
+    reward = PyiqaReward(cfg.name, device, cfg.normalize, cfg.min_size, seed)
     check_differentiable(reward)
     return RewardTerm(reward, cfg)

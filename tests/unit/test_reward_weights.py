@@ -97,3 +97,58 @@ def test_missing_weight_files_give_a_clear_error_and_are_listed(torch_home):
     assert "does not build offline" in why_missing(need, cfg)
     stage_musiq(torch_home)
     assert why_missing(need, cfg) is None
+
+
+class RandomCropScore(torch.nn.Module):
+    """Stand-in for a metric that crops at random (like MANIQA): the score depends on the draw,
+    and it refuses images smaller than its crop."""
+
+    lower_better = False
+    metric_mode = "NR"
+    score_range = "0, 1"
+
+    def __init__(self, crop: int = 32) -> None:
+        super().__init__()
+        self.crop = crop
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(image.shape[-2:]))
+        if min(image.shape[-2:]) < self.crop:
+            raise RuntimeError("input smaller than the crop")
+        top = int(torch.randint(0, image.shape[-2] - self.crop + 1, ()))
+        return image[..., top : top + self.crop, : self.crop].mean(dim=(1, 2, 3))
+
+
+@pytest.fixture
+def random_crop_metric(monkeypatch):
+    import pyiqa
+
+    made: list[RandomCropScore] = []
+
+    def create_metric(name, **kwargs):
+        made.append(RandomCropScore())
+        return made[-1]
+
+    monkeypatch.setattr(pyiqa, "create_metric", create_metric)
+    monkeypatch.setattr(pyiqa, "list_models", lambda: ["random_crop"])
+    return made
+
+
+def test_stochastic_metrics_are_seeded_and_small_inputs_resized(random_crop_metric):
+    image = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    first = PyiqaReward("random_crop", min_size=48, seed=7)
+    second = PyiqaReward("random_crop", min_size=48, seed=7)
+    other = PyiqaReward("random_crop", min_size=48, seed=8)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    draws = [first(image) for _ in range(3)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert all(torch.equal(a, second(image)) for a in draws)  # same seed, same sequence
+    assert not all(torch.equal(a, other(image)) for a in draws)
+    assert random_crop_metric[0].sizes == [(48, 48)] * 3  # 24 px upsampled to the minimum
+    sr = image.clone().requires_grad_(True)
+    first(sr).sum().backward()
+    assert sr.grad is not None and sr.grad.abs().sum() > 0  # gradient passes the resize
+    with pytest.raises(RuntimeError, match="smaller than the crop"):
+        PyiqaReward("random_crop")(image)
