@@ -294,13 +294,17 @@ def _validate(
     with ema_weights(state):
         current, grid = validator.run(state.model)
     metrics = {f"val_{k}": v for k, v in current.items()}
+    # Gains are improvements over the base: positive is better for every metric (lower-is-
+    # better ones are flipped); the base's Gram distance is 0 by definition, so it has none.
     metrics.update(
         {
-            f"val_{k}_gain": current[k] - base[k]
+            f"val_{k}_gain": (base[k] - current[k])
+            if validator.lower_better.get(k)
+            else (current[k] - base[k])
             for k in current
             if k in base and k != "gram_to_base"
         }
-    )  # the base's distance is 0 by definition
+    )
     if cfg.losses.reward.terms:  # the number a sweep ranks trials by (rfsr_ray.tune.objective)
         parts = objective_parts(cfg, metrics)
         metrics["val_reward_gain"] = parts["reward_gain"]
