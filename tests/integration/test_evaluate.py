@@ -14,13 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from pipelines import evaluate
-from rfsr_ray.config import build_config
-from rfsr_ray.models import build_model
 from tests.conftest import natural_image
+from tests.integration.conftest import save_tiny_model
 from tests.integration.test_training import mlflow_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -59,13 +57,8 @@ def make_test_sets(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tuned_model(tmp_path_factory) -> Path:
-    cfg = build_config(
-        {"model": {"tiny": {"block_out_channels": [16, 32], "prediction_type": "sample"}}}
-    )
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tuned") / "tiny_x4"
-    build_model(cfg.model, 4).save(path)
-    return path
+    """A second tiny model with other random weights, standing in for a fine-tune."""
+    return save_tiny_model(tmp_path_factory.mktemp("tuned"), seed=1)
 
 
 def eval_args(tmp_path: Path, base: Path, tuned: Path, sets: dict[str, Path]) -> list[str]:
