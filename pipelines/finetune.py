@@ -12,9 +12,13 @@ from collections.abc import Sequence
 from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import TrainingOutcome, ensure_base_model, run_training
+from rfsr_ray.train.driver import (
+    TrainingOutcome,
+    check_base_model,
+    ensure_base_model,
+    run_training,
+)
 
 
 def report(outcome: TrainingOutcome) -> None:
@@ -34,14 +38,14 @@ def finetune(cfg: RFSRConfig) -> int:
             "pipelines/finetune.py runs train.objective=rfsr; use "
             "pipelines/pretrain.py for the denoise objective"
         )
-    if cfg.model.pretrained is None:
+    if cfg.model.family == "tiny" and cfg.model.pretrained is None:
         raise ConfigError(
             "model.pretrained is not set: RFSR fine-tunes an existing model; give "
             "its folder, or set model.pretrain_config to create one first"
         )
     init_ray(local_cpus(cfg))
     ensure_base_model(cfg)
-    load_model(cfg.model.pretrained)  # fail here, not inside every worker, if it is unusable
+    check_base_model(cfg)
     report(run_training(cfg))
     return 0
 

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
-from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import ensure_base_model
+from rfsr_ray.train.driver import check_base_model, ensure_base_model
 from rfsr_ray.tune.space import validate_sweep
 from rfsr_ray.tune.sweep import SweepOutcome, run_sweep
 
@@ -37,8 +36,7 @@ def tune(cfg: RFSRConfig) -> int:
     validate_sweep(cfg)  # before Ray starts: a bad space costs no cluster time
     init_ray(local_cpus(cfg, cfg.tune.max_concurrent_trials))
     ensure_base_model(cfg)
-    if cfg.model.pretrained is not None:
-        load_model(cfg.model.pretrained)  # fail here, not inside every trial
+    check_base_model(cfg)
     outcome = run_sweep(cfg)
     report(outcome)
     if outcome.best is None:

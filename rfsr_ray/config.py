@@ -235,16 +235,123 @@ class TinyModelConfig(StrictModel):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
 
+class PromptConfig(StrictModel):
+    """Text conditioning of the latent families (ignored by `tiny`)."""
+
+    text: str = Field("", description="fixed prompt for every sample; '' is the empty prompt")
+    drop_prob: float = Field(
+        0.0, ge=0, le=1, description="training: use the empty prompt with this probability"
+    )
+    negative: str = Field("", description="negative prompt for classifier-free guidance")
+    guidance_scale: float = Field(
+        1.0,
+        ge=1.0,
+        description="classifier-free guidance at sampling (validation, inference); 1 = off",
+    )
+
+
+class LoRAConfig(StrictModel):
+    """peft LoRA adapters; the Gram reference is then the same model with adapters disabled."""
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0, description="scaling numerator; None = rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    apply_to: tuple[Literal["unet", "controlnet"], ...] = ("unet",)
+    merge_on_export: bool = Field(
+        False, description="export a full diffusers folder with the adapters merged in"
+    )
+
+
+class MemoryConfig(StrictModel):
+    gradient_checkpointing: bool = Field(False, description="non-reentrant, safe under DDP")
+    channels_last: bool = False
+    vae_slicing: bool = Field(False, description="decode one image of a batch at a time")
+    vae_tiling: bool = Field(False, description="decode large images in overlapping tiles")
+
+
+class SDUpscalerConfig(StrictModel):
+    noise_level: int = Field(20, ge=0, description="noise added to the LR condition (0-350)")
+
+
+class ControlNetSRConfig(StrictModel):
+    controlnet: str | None = Field(
+        None,
+        description="hub id or folder of the ControlNet; None = controlnet/ in model.pretrained",
+    )
+    start: Literal["noise", "lr_latent"] = Field(
+        "noise", description="x_T: pure noise, or the LR latent noised to the first timestep"
+    )
+    conditioning_scale: float = Field(1.0, ge=0)
+
+
+# What each family may train (`model.finetune`); the first entry is its default.
+FINETUNE_CHOICES: dict[str, tuple[str, ...]] = {
+    "tiny": ("full",),
+    "sd_upscaler": ("unet", "unet_attention", "lora"),
+    "controlnet_sr": ("controlnet+unet_attention", "controlnet", "unet_attention", "lora"),
+}
+DEFAULT_HUB_IDS = {"sd_upscaler": "stabilityai/stable-diffusion-x4-upscaler"}
+
+
 class ModelConfig(StrictModel):
-    family: Literal["tiny"] = "tiny"
-    pretrained: str | None = Field(None, description="directory of a saved model to start from")
+    family: Literal["tiny", "sd_upscaler", "controlnet_sr"] = "tiny"
+    pretrained: str | None = Field(
+        None,
+        description="folder of a saved model, or (latent families) a Hugging Face hub id",
+    )
+    revision: str | None = Field(None, description="hub revision of `pretrained`")
     pretrain_config: str | None = Field(
         None,
         description="if `pretrained` does not exist yet, make it with pipelines/pretrain.py "
         "and this config (first use), then reuse it",
     )
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm"] | None = Field(
+        None, description="None: the model's own scheduler (DDIM for tiny)"
+    )
+    finetune: str | None = Field(None, description="what trains; None = the family's default")
+    prompt: PromptConfig = PromptConfig()
+    lora: LoRAConfig = LoRAConfig()
+    memory: MemoryConfig = MemoryConfig()
     tiny: TinyModelConfig = TinyModelConfig()
+    sd_upscaler: SDUpscalerConfig = SDUpscalerConfig()
+    controlnet_sr: ControlNetSRConfig = ControlNetSRConfig()
+
+    @model_validator(mode="after")
+    def _family_choices(self) -> ModelConfig:
+        choices = FINETUNE_CHOICES[self.family]
+        if self.finetune is not None and self.finetune not in choices:
+            raise ValueError(
+                f"model.finetune={self.finetune!r} is not available for family {self.family!r}; "
+                f"use one of {list(choices)}"
+            )
+        if (self.finetune == "lora") != self.lora.enabled:
+            raise ValueError(
+                "model.finetune=lora and model.lora.enabled=true go together; set both (LoRA) "
+                "or neither (full fine-tuning)"
+            )
+        if (
+            self.lora.enabled
+            and self.family == "sd_upscaler"
+            and "controlnet" in self.lora.apply_to
+        ):
+            raise ValueError("model.lora.apply_to: the sd_upscaler family has no controlnet")
+        if self.family == "controlnet_sr" and not self.pretrained:
+            raise ValueError(
+                "model.family=controlnet_sr needs model.pretrained (a Stable Diffusion hub id or "
+                "folder) and, unless it holds controlnet/, model.controlnet_sr.controlnet"
+            )
+        return self
+
+    @property
+    def finetune_mode(self) -> str:
+        return self.finetune or FINETUNE_CHOICES[self.family][0]
+
+    @property
+    def source(self) -> str | None:
+        """Where the weights come from: `pretrained`, else the family's default hub id."""
+        return self.pretrained or DEFAULT_HUB_IDS.get(self.family)
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -749,6 +856,15 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
+def _model_source(value: str | None, family: str) -> str | None:
+    """Folders made absolute; Hugging Face hub ids (`owner/name`, latent families) kept."""
+    if value is None or family == "tiny":
+        return _absolute(value)
+    from rfsr_ray.models.hub import looks_local
+
+    return _absolute(value) if looks_local(value) else value
+
+
 def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
     """Local paths made absolute: Ray workers run in other working directories."""
     tree = cfg.to_dict()
@@ -756,7 +872,9 @@ def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
         if source is not None:
             source["path"] = _absolute(source["path"])
     tree["data"]["val_pairs"] = _absolute(tree["data"]["val_pairs"])
-    tree["model"]["pretrained"] = _absolute(tree["model"]["pretrained"])
+    tree["model"]["pretrained"] = _model_source(tree["model"]["pretrained"], cfg.model.family)
+    controlnet = tree["model"]["controlnet_sr"]
+    controlnet["controlnet"] = _model_source(controlnet["controlnet"], "controlnet_sr")
     tree["losses"]["gram"]["vgg_weights"] = _absolute(tree["losses"]["gram"]["vgg_weights"])
     tree["output"]["dir"] = _absolute(tree["output"]["dir"])
     tree["output"]["storage_path"] = _absolute(tree["output"]["storage_path"])

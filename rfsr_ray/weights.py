@@ -1,7 +1,10 @@
 """Every pretrained weight a config needs, resolved in one place.
 
 Where each kind is looked for, in order:
-- model folders (`model.pretrained`, `eval.models`): the configured path;
+- model folders (`model.pretrained` of the tiny family, `eval.models`): the configured path;
+- diffusers models (`model.pretrained` and `model.controlnet_sr.controlnet` of the latent
+  families): a local folder, else the hub id in the Hugging Face cache, else a download when the
+  hub is reachable and `HF_HUB_OFFLINE` is unset (`rfsr_ray.models.hub`);
 - VGG19 for the Gram regulariser: `losses.gram.vgg_weights`, then torchvision's cache
   `$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth` (unless `losses.gram.allow_random_vgg`);
 - pyiqa metrics (rewards, held-out monitor metrics, evaluation metrics): pyiqa's cache
@@ -36,16 +39,15 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class WeightNeed:
-    kind: Literal["model", "vgg19", "pyiqa"]
-    name: str  # a folder, a file name or a pyiqa metric name
+    kind: Literal["model", "diffusers", "vgg19", "pyiqa"]
+    name: str  # a folder, a hub id, a file name or a pyiqa metric name
     used_by: str  # the config key that asks for it
+    revision: str | None = None  # hub revision (diffusers needs)
 
 
 def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> list[WeightNeed]:
     """What `cfg` needs (for training only, or also for evaluation), de-duplicated."""
-    needs: list[WeightNeed] = []
-    if cfg.model.pretrained and cfg.model.pretrain_config is None:
-        needs.append(WeightNeed("model", cfg.model.pretrained, "model.pretrained"))
+    needs = _model_needs(cfg)
     losses = cfg.losses
     rfsr = cfg.train.objective == "rfsr"
     if rfsr and losses.gram.enabled and not losses.gram.allow_random_vgg:
@@ -64,6 +66,23 @@ def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> l
     return list(unique.values())
 
 
+def _model_needs(cfg: RFSRConfig) -> list[WeightNeed]:
+    model = cfg.model
+    if model.family == "tiny":
+        if model.pretrained and model.pretrain_config is None:
+            return [WeightNeed("model", model.pretrained, "model.pretrained")]
+        return []
+    assert model.source is not None  # every latent family has one (schema)
+    needs = [WeightNeed("diffusers", model.source, "model.pretrained", model.revision)]
+    if model.family == "controlnet_sr" and model.controlnet_sr.controlnet:
+        needs.append(
+            WeightNeed(
+                "diffusers", model.controlnet_sr.controlnet, "model.controlnet_sr.controlnet"
+            )
+        )
+    return needs
+
+
 def vgg19_file(explicit: str | None) -> Path:
     """Where the VGG19 checkpoint is (or would be): the explicit path, else torchvision's cache."""
     if explicit:
@@ -78,6 +97,10 @@ def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
         if Path(need.name).exists():
             return None
         return f"folder {need.name} does not exist; copy the model folder there"
+    if need.kind == "diffusers":
+        from rfsr_ray.models.hub import why_unavailable
+
+        return why_unavailable(need.name, need.revision, need.used_by)
     if need.kind == "vgg19":
         path = vgg19_file(cfg.losses.gram.vgg_weights)
         if path.is_file():
@@ -156,7 +179,11 @@ def verify_manifest(directory: Path) -> list[str]:
 
 def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
     """Download one need into the caches the environment points at (network required)."""
-    if need.kind == "vgg19":
+    if need.kind == "diffusers":
+        from rfsr_ray.models.hub import resolve
+
+        resolve(need.name, need.revision, need.used_by)  # into $HF_HOME's hub cache
+    elif need.kind == "vgg19":
         from torch.hub import download_url_to_file
 
         target = vgg19_file(None)

@@ -13,11 +13,20 @@ from rfsr_ray.models.tiny import MODEL_INFO_FILE, TinySRModel, build_tiny
 __all__ = ["ISRDiffusionModel", "build_model", "load_model"]
 
 
-def build_model(cfg: ModelConfig, scale: int) -> ISRDiffusionModel:
-    """The model named by `cfg.family`, from `cfg.pretrained` or initialised from config."""
+def build_model(cfg: ModelConfig, scale: int, trainable: bool = True) -> ISRDiffusionModel:
+    """The model named by `cfg.family`, from `cfg.pretrained` (or its default hub id), or for
+    `tiny` initialised from config. `trainable=False` loads for inference only."""
     match cfg.family:
         case "tiny":
             return build_tiny(cfg, scale)
+        case "sd_upscaler":
+            from rfsr_ray.models.sd_upscaler import load_sd_upscaler
+
+            return load_sd_upscaler(cfg, scale, trainable)
+        case "controlnet_sr":
+            from rfsr_ray.models.controlnet_sr import load_controlnet_sr
+
+            return load_controlnet_sr(cfg, scale, trainable)
     raise AssertionError(cfg.family)  # unreachable: the schema limits `family`
 
 
@@ -29,8 +38,33 @@ def load_model(path: str | Path) -> ISRDiffusionModel:
             f"{str(path)!r} is not an exported rfsr_ray model (no {MODEL_INFO_FILE}); pass the "
             "`model/` folder of a finished run or a pretrain output"
         )
-    family = json.loads(info_file.read_text())["family"]
-    match family:
+    info = json.loads(info_file.read_text())
+    match info["family"]:
         case "tiny":
             return TinySRModel.from_pretrained(path)
-    raise WeightsError(f"{str(path)!r} holds unknown model family {family!r}")
+        case "sd_upscaler" | "controlnet_sr":
+            return _load_latent_export(Path(path), info)
+    raise WeightsError(f"{str(path)!r} holds unknown model family {info['family']!r}")
+
+
+def _load_latent_export(path: Path, info: dict) -> ISRDiffusionModel:
+    """A full export is a diffusers folder on its own; a LoRA export is adapters on the base
+    model its config names."""
+    from rfsr_ray.models.latent import full_export_config
+    from rfsr_ray.models.lora import ADAPTER, unwrap
+
+    cfg = ModelConfig.model_validate(info["model_config"])
+    if info["format"] == "full":
+        return build_model(full_export_config(cfg, path), int(info["scale"]), trainable=False)
+    model = build_model(cfg, int(info["scale"]), trainable=False)
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        weights = path / "pytorch_lora_weights.safetensors"
+        unwrap(model.unet).load_lora_adapter(str(weights), prefix="unet", adapter_name=ADAPTER)
+    if (path / "controlnet_lora").is_dir():
+        unwrap(model.controlnet).load_lora_adapter(
+            str(path / "controlnet_lora"),
+            weight_name="pytorch_lora_weights.safetensors",
+            prefix=None,
+            adapter_name=ADAPTER,
+        )
+    return model

@@ -8,7 +8,7 @@ latents for latent models). Timestep indices count sampler steps: index 0 is the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from diffusers import SchedulerMixin
@@ -29,8 +29,16 @@ class ISRDiffusionModel(Protocol):
         """Named modules holding the trainable parameters (what DDP wraps and checkpoints save)."""
         ...
 
-    def condition(self, lr_image: torch.Tensor, prompt: list[str] | None = None) -> Any:
-        """Everything the denoiser needs besides the latent, built once per batch from LR."""
+    def condition(
+        self,
+        lr_image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        prompts: list[str] | None = None,
+        mode: Literal["train", "sample"] = "sample",
+    ) -> Any:
+        """Everything the denoiser needs besides the latent, built once per batch from LR.
+        `prompts` are per-sample texts (latent families; None = the configured prompt); `train`
+        mode applies prompt dropout, `sample` mode classifier-free guidance."""
         ...
 
     def start_latent(self, condition: Any, generator: torch.Generator | None) -> torch.Tensor:

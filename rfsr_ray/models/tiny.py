@@ -36,7 +36,7 @@ def build_unet(cfg: TinyModelConfig) -> UNet2DModel:
     )
 
 
-def build_scheduler(cfg: TinyModelConfig, sampler: str) -> SchedulerMixin:
+def build_scheduler(cfg: TinyModelConfig, sampler: str | None) -> SchedulerMixin:
     # clip_sample off: x̂0 must be the plain parameterisation so rewards see the model's real
     # prediction; "trailing" spacing makes index 0 start at the last training timestep (pure noise).
     kwargs = {
@@ -46,7 +46,7 @@ def build_scheduler(cfg: TinyModelConfig, sampler: str) -> SchedulerMixin:
         "clip_sample": False,
         "timestep_spacing": "trailing",
     }
-    return DDIMScheduler(**kwargs) if sampler == "ddim" else DDPMScheduler(**kwargs)
+    return DDPMScheduler(**kwargs) if sampler == "ddpm" else DDIMScheduler(**kwargs)
 
 
 class TinySRModel(nn.Module):
@@ -74,8 +74,14 @@ class TinySRModel(nn.Module):
         return next(self.unet.parameters()).device
 
     # ------------------------------------------------------------------ sampling pieces
-    def condition(self, lr_image: torch.Tensor, prompt: list[str] | None = None) -> torch.Tensor:
-        """Bicubic-upsampled LR in [-1, 1]: (B, 3, H, W)."""
+    def condition(
+        self,
+        lr_image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        prompts: list[str] | None = None,
+        mode: str = "sample",
+    ) -> torch.Tensor:
+        """Bicubic-upsampled LR in [-1, 1]: (B, 3, H, W); the tiny model has no text input."""
         size = (lr_image.shape[-2] * self.scale, lr_image.shape[-1] * self.scale)
         upsampled = F.interpolate(lr_image, size=size, mode="bicubic", align_corners=False)
         return upsampled.clamp(0, 1) * 2 - 1

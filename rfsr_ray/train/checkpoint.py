@@ -2,7 +2,9 @@
 progress and the resolved config.
 
 Layout of a checkpoint folder:
-    trainable/<module>.safetensors   weights of each trainable module (unwrapped from DDP)
+    trainable/<module>.safetensors   trainable tensors of each trained module (unwrapped from DDP;
+                                     frozen weights are not repeated, so a LoRA checkpoint holds
+                                     only the adapters)
     ema.safetensors                  EMA shadow of the trainable parameters, in parameter order
     optimizer.pt, lr_scheduler.pt, rng.pt, grad_scaler.pt (fp16 only)
     progress.json                    step, skipped steps, data position, MLflow run id
@@ -43,6 +45,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's trainable parameters by state-dict name, on the CPU."""
+    return {
+        name: parameter.detach().contiguous().cpu()
+        for name, parameter in unwrap(module).named_parameters()
+        if parameter.requires_grad
+    }
+
+
 def save_checkpoint(folder: Path, state: TrainState, progress: Progress, cfg: RFSRConfig) -> Path:
     """Write a complete checkpoint into `folder` (created; must not exist).
 
@@ -53,8 +64,7 @@ def save_checkpoint(folder: Path, state: TrainState, progress: Progress, cfg: RF
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "trainable").mkdir(parents=True)
     for name, module in state.model.trainable_modules().items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap(module).state_dict().items()}
-        save_file(tensors, partial / "trainable" / f"{name}.safetensors")
+        save_file(trainable_state(module), partial / "trainable" / f"{name}.safetensors")
     shadow = {str(i): p.detach().contiguous().cpu() for i, p in enumerate(state.ema.shadow_params)}
     save_file(shadow, partial / "ema.safetensors")
     torch.save(state.optimizer.state_dict(), partial / "optimizer.pt")
@@ -91,7 +101,14 @@ def load_checkpoint(folder: Path, state: TrainState) -> Progress:
     device = state.params[0].device
     for name, module in state.model.trainable_modules().items():
         weights = load_file(folder / "trainable" / f"{name}.safetensors", device=str(device))
-        unwrap(module).load_state_dict(weights)
+        expected = trainable_state(module).keys()
+        if set(weights) != set(expected):
+            raise TrainingError(
+                f"checkpoint {folder} holds different trainable tensors for {name} than this "
+                "model trains (model.finetune or model.lora changed?); resume with the config "
+                "saved in the checkpoint"
+            )
+        unwrap(module).load_state_dict(weights, strict=False)
     shadow = load_file(folder / "ema.safetensors", device=str(device))
     for index, parameter in enumerate(state.ema.shadow_params):
         parameter.data.copy_(shadow[str(index)])

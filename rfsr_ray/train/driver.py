@@ -194,3 +194,16 @@ def ensure_base_model(cfg: RFSRConfig) -> None:
         )
     outcome = run_training(recipe)
     shutil.copytree(outcome.run_dir / "model", target)
+
+
+def check_base_model(cfg: RFSRConfig) -> None:
+    """Fail on the driver, not inside every worker or trial, when the base model is unusable:
+    a tiny model folder is loaded; a latent family's folder or hub id must be present or
+    downloadable (checked in seconds, never a hang)."""
+    if cfg.model.family == "tiny":
+        if cfg.model.pretrained is not None:
+            from rfsr_ray.models import load_model
+
+            load_model(cfg.model.pretrained)
+        return
+    require_weights(cfg, where="the driver")

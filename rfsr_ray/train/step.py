@@ -26,10 +26,12 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 
 @dataclass(frozen=True)
 class Batch:
-    """lr_image (B, 3, h, w) and hr_image (B, 3, h·s, w·s), float in [0, 1]."""
+    """lr_image (B, 3, h, w) and hr_image (B, 3, h·s, w·s), float in [0, 1]; per-sample
+    prompts when the data carries a caption column."""
 
     lr_image: torch.Tensor
     hr_image: torch.Tensor
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -76,7 +78,7 @@ def rfsr_loss(
     autocast: Autocast = contextlib.nullcontext,
 ) -> StepOutput:
     """RFSR loss at sampler index `index` (0 = noisiest)."""
-    condition = model.condition(batch.lr_image)
+    condition = model.condition(batch.lr_image, generator, batch.prompts, mode="train")
     timesteps = model.set_timesteps(cfg.schedule.num_inference_steps)
     latent = latent_at_index(
         model, condition, timesteps, index, cfg.schedule.mode, generator, autocast
