@@ -137,6 +137,11 @@ def tiny_controlnet_sd(seed: int = 0) -> StableDiffusionControlNetPipeline:
         conditioning_embedding_out_channels=(16, 32),
         norm_num_groups=1,
     )
+    # A fresh ControlNet's output convolutions are zero, so nothing behind them would get a
+    # gradient; a released ControlNet has trained ones. Give the tiny one small random ones.
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05)
     vae = AutoencoderKL(
         block_out_channels=[4, 8],
         in_channels=3,

@@ -1,0 +1,55 @@
+"""A 2-worker CPU Ray Train fine-tune (DDP over gloo) with each tiny latent family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import finetune
+from rfsr_ray.models import load_model
+from rfsr_ray.models.tiny_components import save_tiny_components
+from tests.integration.test_training import only_run, tiny_args
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        # Full UNet fine-tune with gradient checkpointing: DDP must not see a parameter twice.
+        ("sd_upscaler", {"model.memory.gradient_checkpointing": "true"}),
+        # LoRA on both the ControlNet and the UNet, SeeSR's LR-latent start, a fixed prompt.
+        (
+            "controlnet_sr",
+            {
+                "model.finetune": "lora",
+                "model.lora.enabled": "true",
+                "model.lora.apply_to": "[unet, controlnet]",
+                "model.controlnet_sr.start": "lr_latent",
+                "model.prompt.text": "a sharp photo",
+                "model.prompt.drop_prob": 0.5,
+            },
+        ),
+    ],
+)
+def test_two_worker_finetune_of_a_latent_family(ray_cluster, tmp_path, family, extra):
+    components = save_tiny_components(family, tmp_path / family)
+    args = tiny_args(tmp_path, components, **{"model.family": family, **extra})
+    assert finetune.main(args) == 0
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.family"] == family
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(m.value)) for m in history)
+    assert "val_psnr" in run.data.metrics and "val_gram_to_base" in run.data.metrics
+    export = Path(tmp_path / "runs" / "run" / "model")
+    info = json.loads((export / "rfsr_model.json").read_text())
+    assert info["family"] == family
+    assert info["format"] == ("lora" if "model.finetune" in extra else "full")
+    model = load_model(export)
+    lr = torch.rand(1, 3, 8, 8)
+    sr = model.sample(lr, 4, torch.Generator().manual_seed(0))
+    assert sr.shape == (1, 3, 32, 32) and torch.isfinite(sr).all()
