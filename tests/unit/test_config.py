@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rfsr_ray.config import apply_override, build_config, load_config
@@ -78,3 +80,11 @@ def test_patch_size_must_divide_by_scale():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in (Path(__file__).parents[2] / "configs").rglob("*.yaml"))
+)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.family in ("tiny", "sd_upscaler", "controlnet_sr")

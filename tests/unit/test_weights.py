@@ -8,7 +8,7 @@ import torch
 from torchvision.models import vgg19
 
 from pipelines import weights as weights_pipeline
-from rfsr_ray.config import build_config
+from rfsr_ray.config import build_config, with_absolute_paths
 from rfsr_ray.errors import WeightsError
 from rfsr_ray.losses.gram import VGGFeatures
 from rfsr_ray.weights import (
@@ -116,3 +116,34 @@ def test_weights_pipeline_lists_and_verifies_a_complete_and_an_incomplete_folder
     assert weights_pipeline.main(args) == 1
     out = capsys.readouterr().out
     assert "MISSING losses.gram vgg19-dcbb9e9d.pth" in out and "checkpoints/vgg19" in out
+
+
+def test_hub_id_of_a_latent_family_resolves_from_a_staged_cache_offline(tmp_path, monkeypatch):
+    """A node with a synced Hugging Face cache and HF_HUB_OFFLINE=1 finds a hub id there."""
+    from huggingface_hub import constants
+
+    from rfsr_ray.models import build_model
+    from rfsr_ray.models.tiny_components import save_tiny_components
+
+    cache = tmp_path / "huggingface" / "hub"
+    repo, commit = cache / "models--acme--tiny-upscaler", "0123456789abcdef" * 2 + "01234567"
+    save_tiny_components("sd_upscaler", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = build_config(
+        {
+            "model": {"family": "sd_upscaler", "pretrained": "acme/tiny-upscaler"},
+            "losses": {"gram": {"allow_random_vgg": True}},
+        }
+    )
+    assert with_absolute_paths(cfg).model.pretrained == "acme/tiny-upscaler"  # not a path
+    need = weights_needed(cfg, "train")[0]
+    assert (need.kind, need.name) == ("diffusers", "acme/tiny-upscaler")
+    assert why_missing(need, cfg) is None
+    require_weights(cfg)
+    assert build_model(cfg.model, 4, trainable=False).unet.config.in_channels == 7
+    other = build_config({"model": {"family": "sd_upscaler", "pretrained": "acme/absent"}})
+    problem = why_missing(weights_needed(other, "train")[0], other)
+    assert "acme/absent" in problem and "HF_HUB_OFFLINE" in problem

@@ -1,0 +1,35 @@
+"""Write tiny random Stable Diffusion components for a latent family (tests and smoke runs).
+
+python pipelines/tiny_components.py --family sd_upscaler --out outputs/tiny_components/sd_upscaler
+
+The folder is a diffusers pipeline folder, loaded exactly as real weights are; its outputs are
+noise. Use it to check a cluster, a config or the code path before spending GPU hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rfsr_ray.models.tiny_components import save_tiny_components
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=["sd_upscaler", "controlnet_sr"])
+    parser.add_argument("--out", required=True, help="folder to write (must not exist)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    if Path(args.out).exists():
+        print(f"error: {args.out} exists; pick a new folder or delete it", file=sys.stderr)
+        return 2
+    folder = save_tiny_components(args.family, args.out, args.seed)
+    print(f"tiny {args.family} components written to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
