@@ -111,8 +111,12 @@ def why_unavailable(source: str, revision: str | None, key: str) -> str | None:
         resolve(source, revision, key, download=False)
         return None
     except WeightsError as error:
-        if looks_local(source) or _offline() or not hub_reachable():
+        if looks_local(source):
             return str(error)
+        if _offline():
+            return f"HF_HUB_OFFLINE is set and {error}"
+        if not hub_reachable():
+            return f"{_endpoint()} cannot be reached and {error}"
         return None  # not cached, but the hub answers: loading downloads it
 
 
