@@ -65,6 +65,13 @@ class SourceConfig(StrictModel):
     names: tuple[str, ...] | None = None
     image_column: str = "image"
     id_column: str | None = None
+    caption_column: str | None = Field(
+        None, description="Parquet: a text column used as the per-sample prompt"
+    )
+    caption_extension: str | None = Field(
+        None,
+        description="folder: read the prompt from a sidecar file, e.g. .txt (img.png → img.txt)",
+    )
     weight: float = Field(1.0, gt=0, description="scales the crops drawn from each image")
 
     @model_validator(mode="before")
@@ -82,6 +89,12 @@ class SourceConfig(StrictModel):
     def _path_required(self) -> SourceConfig:
         if self.kind != "builtin" and not self.path:
             raise ValueError(f"a '{self.kind}' source needs `path`, e.g. path: /data/hr_images")
+        if self.caption_column and self.kind != "parquet":
+            raise ValueError("caption_column is for Parquet sources; folders use caption_extension")
+        if self.caption_extension and self.kind != "folder":
+            raise ValueError("caption_extension is for folder sources; Parquet uses caption_column")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ValueError(f"caption_extension={self.caption_extension!r} must start with '.'")
         return self
 
 
@@ -241,6 +254,11 @@ class PromptConfig(StrictModel):
     text: str = Field("", description="fixed prompt for every sample; '' is the empty prompt")
     drop_prob: float = Field(
         0.0, ge=0, le=1, description="training: use the empty prompt with this probability"
+    )
+    from_data: bool = Field(
+        False,
+        description="training: each sample's caption from the data (sources' caption_column / "
+        "caption_extension) is its prompt; samples without one use `text`",
     )
     negative: str = Field("", description="negative prompt for classifier-free guidance")
     guidance_scale: float = Field(

@@ -25,8 +25,8 @@ def image_grid(rows: list[list[np.ndarray]], gutter: int = 4) -> np.ndarray:
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1]."""
-    tensor = torch.as_tensor(images)
-    return tensor.permute(0, 3, 1, 2).float().div(255).to(device)
+    tensor = torch.as_tensor(images).to(device)  # uint8 over the bus, then float
+    return tensor.permute(0, 3, 1, 2).float().div(255)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,9 @@ from rfsr_ray.config import DataConfig, DegradationConfig
 from rfsr_ray.data.decode import decode_image
 from rfsr_ray.data.degradations import degrade
 
-PAIR_COLUMNS = ("hr", "lr", "source_id", "crop_index", "epoch", "crop_box", "degradation")
+PAIR_COLUMNS = (
+    "hr", "lr", "source_id", "crop_index", "epoch", "crop_box", "degradation", "caption"
+)  # fmt: skip
 
 
 def sample_rng(
@@ -111,6 +113,7 @@ def empty_pair_batch(data: DataConfig) -> dict[str, np.ndarray]:
         "epoch": np.zeros(0, np.int64),
         "crop_box": np.zeros((0, 4), np.int32),
         "degradation": np.zeros(0, object),
+        "caption": np.zeros(0, object),
     }
 
 
@@ -125,8 +128,14 @@ def make_pair_batch(
     counts: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     min_size = 0 if data.pad_small else data.patch_size
-    for source_id, data_bytes, weight, epoch in zip(
-        batch["source_id"], batch["image_bytes"], batch["weight"], batch["epoch"], strict=True
+    captions = batch.get("caption", [""] * len(batch["source_id"]))
+    for source_id, data_bytes, weight, epoch, caption in zip(
+        batch["source_id"],
+        batch["image_bytes"],
+        batch["weight"],
+        batch["epoch"],
+        captions,
+        strict=True,
     ):
         decoded = decode_image(bytes(data_bytes or b""), min_size, data.max_pixels)
         counts.update(f"converted_{note}" for note in decoded.conversions)
@@ -135,14 +144,15 @@ def make_pair_batch(
             continue
         counts["decoded"] += 1
         count = num_crops(data, float(weight), str(source_id), int(epoch))
-        rows.extend(
-            pairs_from_image(decoded.image, str(source_id), count, int(epoch), data, degradation)
+        pairs = pairs_from_image(
+            decoded.image, str(source_id), count, int(epoch), data, degradation
         )
+        rows.extend({**pair, "caption": str(caption)} for pair in pairs)
     counts["pairs"] += len(rows)
     if not rows:
         return empty_pair_batch(data), counts
     out = {name: np.stack([row[name] for row in rows]) for name in ("hr", "lr", "crop_box")}
-    for name in ("source_id", "degradation"):
+    for name in ("source_id", "degradation", "caption"):
         out[name] = np.asarray([row[name] for row in rows], dtype=object)
     for name in ("crop_index", "epoch"):
         out[name] = np.asarray([row[name] for row in rows], dtype=np.int64)

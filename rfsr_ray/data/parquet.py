@@ -49,6 +49,7 @@ def encode_pair_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         "epoch": batch["epoch"],
         "crop_box": [list(map(int, box)) for box in batch["crop_box"]],
         "degradation": list(batch["degradation"]),
+        "caption": list(batch["caption"]),
     }
 
 
@@ -62,6 +63,8 @@ def decode_pair_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "epoch": np.asarray(batch["epoch"], dtype=np.int64),
         "crop_box": np.stack([np.asarray(box, np.int32) for box in batch["crop_box"]]),
         "degradation": np.asarray(batch["degradation"], dtype=object),
+        # sets written before captions existed have none: the empty prompt
+        "caption": np.asarray(batch.get("caption", [""] * len(batch["hr_png"])), dtype=object),
     }
 
 

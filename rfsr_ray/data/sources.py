@@ -50,6 +50,7 @@ def _builtin_source(source: SourceConfig) -> ray.data.Dataset:
             "source_id": f"builtin:{name}",
             "image_bytes": _png_bytes(builtin_image(name)),
             "weight": source.weight,
+            "caption": "",
         }
         for name in names
     ]
@@ -64,6 +65,20 @@ def _relative_id(path: str, root: str) -> str:
     return path if path != root else path.rsplit("/", 1)[-1]
 
 
+def _sidecar_caption(image_path: str, extension: str | None) -> str:
+    """The text of `image.EXT`'s sidecar `image{extension}`, or '' when there is none."""
+    if extension is None:
+        return ""
+    import fsspec
+
+    path = image_path.rsplit(".", 1)[0] + extension
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _folder_source(source: SourceConfig) -> ray.data.Dataset:
     root = str(source.path)
     try:
@@ -75,14 +90,16 @@ def _folder_source(source: SourceConfig) -> ray.data.Dataset:
             f"image source {root!r} cannot be read ({type(error).__name__}: {error}); "
             f"give an existing folder or URI holding {'/'.join(IMAGE_EXTENSIONS)} files"
         ) from None
-    weight = source.weight
+    weight, extension = source.weight, source.caption_extension
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         ids = [_relative_id(str(path), root) for path in batch["path"]]
+        captions = [_sidecar_caption(str(p), extension) for p in batch["path"]]
         return {
             "source_id": np.asarray(ids, dtype=object),
             "image_bytes": batch["bytes"],
             "weight": np.full(len(ids), weight),
+            "caption": np.asarray(captions, dtype=object),
         }
 
     return dataset.map_batches(to_rows, batch_format="numpy")
@@ -95,11 +112,12 @@ def _parquet_source(source: SourceConfig) -> ray.data.Dataset:
         names = dataset.schema().names
     except (FileNotFoundError, OSError, ValueError, pa.ArrowInvalid) as error:
         raise DataError(f"Parquet source {path!r} cannot be read: {error}") from None
-    for needed in (column, id_column):
+    caption_column = source.caption_column
+    for needed in (column, id_column, caption_column):
         if needed is not None and needed not in names:
             raise DataError(
                 f"Parquet source {path!r} has no column {needed!r} (columns: {names}); "
-                f"set image_column / id_column in the source config"
+                f"set image_column / id_column / caption_column in the source config"
             )
     weight = source.weight
 
@@ -109,17 +127,21 @@ def _parquet_source(source: SourceConfig) -> ray.data.Dataset:
             ids = [f"{path}#{value}" for value in batch[id_column]]
         else:  # content hash: stable wherever the file is copied
             ids = [hashlib.sha1(bytes(data or b"")).hexdigest() for data in images]
+        captions = [""] * len(ids)
+        if caption_column is not None:
+            captions = ["" if text is None else str(text) for text in batch[caption_column]]
         return {
             "source_id": np.asarray(ids, dtype=object),
             "image_bytes": images,
             "weight": np.full(len(ids), weight),
+            "caption": np.asarray(captions, dtype=object),
         }
 
     return dataset.map_batches(to_rows, batch_format="numpy")
 
 
 def read_source(source: SourceConfig) -> ray.data.Dataset:
-    """One source as a Dataset of `{source_id: str, image_bytes: bytes, weight: float}`."""
+    """One source as a Dataset of `{source_id, image_bytes, weight, caption}` ('' = none)."""
     match source.kind:
         case "builtin":
             return _builtin_source(source)

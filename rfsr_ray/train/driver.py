@@ -147,8 +147,10 @@ def run_training(
     if run is not None:
         mlflow_run.log_artifact(run, run_dir / "config.yaml")
     try:
-        # Only tensor columns go to torch; ids and degradation JSON stay in the Parquet sets.
-        dataset = pipeline.dataset.select_columns(["hr", "lr", "epoch"])
+        # Ids and degradation JSON stay in the Parquet sets; captions go along when they are
+        # the prompts.
+        columns = ["hr", "lr", "epoch"] + (["caption"] if cfg.model.prompt.from_data else [])
+        dataset = pipeline.dataset.select_columns(columns)
         result = build_trainer(cfg, context, dataset, callbacks).fit()
     except Exception as error:  # Ray wraps worker errors; surface the cause plainly
         if run is not None:

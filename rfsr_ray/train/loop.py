@@ -75,14 +75,24 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
 
 
-def _batches(shard: Any, cfg: RFSRConfig) -> Iterator[tuple[Batch, int] | None]:
+def _batches(
+    shard: Any, cfg: RFSRConfig, device: torch.device
+) -> Iterator[tuple[Batch, int] | None]:
     """(batch, data epoch) from this worker's shard; None marks the end of one pass."""
     shuffle = 4 * cfg.train.batch_size if cfg.data.shuffle else None
+    fallback = cfg.model.prompt.text
     while True:
-        for rows in shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, prefetch_batches=2, local_shuffle_buffer_size=shuffle
+        for rows in shard.iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=shuffle,
         ):
-            yield Batch(to_tensor(rows["lr"]), to_tensor(rows["hr"])), int(rows["epoch"].max())
+            prompts = None
+            if "caption" in rows:  # model.prompt.from_data: a sample without one uses `text`
+                prompts = [str(text) or fallback for text in rows["caption"]]
+            batch = Batch(to_tensor(rows["lr"], device), to_tensor(rows["hr"], device), prompts)
+            yield batch, int(rows["epoch"].max())
         yield None
 
 
@@ -190,7 +200,8 @@ def _train(
     autocast: Any,
     no_sync: Any,
 ) -> None:
-    stream = _batches(ray.train.get_dataset_shard("train"), cfg)
+    device = state.params[0].device
+    stream = _batches(ray.train.get_dataset_shard("train"), cfg, device)
     timing = Timing()
     while state.step < cfg.train.steps:
         started = time.perf_counter()

@@ -16,6 +16,26 @@ from tests.integration.test_training import only_run, tiny_args
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
+def captioned(tmp_path: Path) -> Path:
+    """A Parquet HR source with a caption per image."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from rfsr_ray.data.sources import builtin_image
+
+    images = []
+    for name in ("astronaut", "rocket"):
+        buffer = io.BytesIO()
+        Image.fromarray(builtin_image(name)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    path = tmp_path / "captioned.parquet"
+    pq.write_table(pa.table({"image": images, "text": ["an astronaut", ""]}), path)
+    return path
+
+
 @pytest.mark.parametrize(
     ("family", "extra"),
     [
@@ -31,12 +51,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
                 "model.controlnet_sr.start": "lr_latent",
                 "model.prompt.text": "a sharp photo",
                 "model.prompt.drop_prob": 0.5,
+                "model.prompt.from_data": "true",  # captions from the Parquet source below
             },
         ),
     ],
 )
 def test_two_worker_finetune_of_a_latent_family(ray_cluster, tmp_path, family, extra):
     components = save_tiny_components(family, tmp_path / family)
+    if "model.prompt.from_data" in extra:
+        extra = {**extra, "data.sources": f"[{{kind: parquet, path: {captioned(tmp_path)}, "
+                 "caption_column: text}]"}  # fmt: skip
     args = tiny_args(tmp_path, components, **{"model.family": family, **extra})
     assert finetune.main(args) == 0
     client, run = only_run(tmp_path)

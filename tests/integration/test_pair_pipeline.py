@@ -132,3 +132,36 @@ def test_missing_folder_is_a_clear_error(ray_cluster, tmp_path):
     cfg = small_config(data={"sources": [str(tmp_path / "missing")]})
     with pytest.raises(DataError, match="cannot be read"):
         build_pair_dataset(cfg.data, cfg.degradation)
+
+
+def test_captions_travel_with_their_pairs(ray_cluster, tmp_path):
+    """Folder sidecars and a Parquet text column become each pair's `caption` ('' = none), and
+    prepare_data's Parquet sets keep them."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from rfsr_ray.data.sources import builtin_image
+
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    Image.fromarray(builtin_image("coffee")).save(folder / "coffee.png")
+    Image.fromarray(builtin_image("rocket")).save(folder / "rocket.png")
+    (folder / "coffee.txt").write_text("a cup of coffee\n")
+    table = pa.table(
+        {"image": [(folder / "rocket.png").read_bytes()], "text": ["a rocket on the pad"]}
+    )
+    pq.write_table(table, tmp_path / "captions.parquet")
+    sources = [
+        {"kind": "folder", "path": str(folder), "caption_extension": ".txt"},
+        {"kind": "parquet", "path": str(tmp_path / "captions.parquet"), "caption_column": "text"},
+    ]
+    cfg = small_config(data={"sources": sources, "crops_per_image": 1})
+    rows = build_pair_dataset(cfg.data, cfg.degradation).dataset.take_all()
+    by_source = {row["source_id"]: row["caption"] for row in rows}
+    assert by_source["coffee.png"] == "a cup of coffee"
+    assert by_source["rocket.png"] == ""  # no sidecar: the empty caption, not a lost image
+    assert "a rocket on the pad" in by_source.values() and len(rows) == 3
+    with pytest.raises(Exception, match="caption_column is for Parquet"):
+        build_config(
+            {"data": {"sources": [{"kind": "folder", "path": "x", "caption_column": "t"}]}}
+        )

@@ -325,3 +325,23 @@ def test_incomplete_folder_names_the_missing_component(folders, tmp_path):
 def test_model_config_errors_name_the_fix(model, match):
     with pytest.raises(ConfigError, match=match):
         build_config({"model": model})
+
+
+def test_training_batches_carry_captions_as_prompts_with_the_fixed_text_as_fallback():
+    import numpy as np
+
+    from rfsr_ray.train.loop import _batches
+
+    class Shard:
+        def iter_batches(self, **kwargs):
+            yield {
+                "lr": np.zeros((2, 8, 8, 3), np.uint8),
+                "hr": np.zeros((2, 32, 32, 3), np.uint8),
+                "epoch": np.array([0, 0]),
+                "caption": np.array(["a red car", ""], dtype=object),
+            }
+
+    cfg = build_config({"model": {"prompt": {"text": "a photo", "from_data": True}}})
+    batch, epoch = next(_batches(Shard(), cfg, torch.device("cpu")))
+    assert batch.prompts == ["a red car", "a photo"] and epoch == 0
+    assert batch.lr_image.shape == (2, 3, 8, 8) and batch.lr_image.dtype == torch.float32
