@@ -171,3 +171,35 @@ def test_upscale_writes_good_images_and_reports_the_bad_one(tmp_path, base_model
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["good0.png", "good1.png"]
     assert np.asarray(Image.open(tmp_path / "out" / "good0.png")).shape == (48, 80, 3)
+
+
+def test_hacking_monitor_stop_ends_the_run_early_with_an_export(
+    ray_cluster, tmp_path, base_model, monkeypatch
+):
+    """Train's local mode runs the loop in this process, so the monitor can be fed a scripted
+    trajectory (reward up, every held-out metric down) through its real bookkeeping."""
+    import itertools
+
+    from rfsr_ray.losses.monitor import HackingMonitor
+
+    real_update, calls = HackingMonitor.update, itertools.count()
+
+    def scripted(self, reward, held_out):
+        n = next(calls)
+        return real_update(self, float(n), {name: -float(n) for name in held_out})
+
+    monkeypatch.setattr(HackingMonitor, "update", scripted)
+    args = tiny_args(
+        tmp_path,
+        base_model,
+        "hacked",
+        train__num_workers=0,
+        train__steps=8,
+        losses__monitor__stop="true",
+    )
+    assert finetune.main(args) == 0
+    client, run = only_run(tmp_path)
+    signal = client.get_metric_history(run.info.run_id, "val_hacking_signal")
+    assert [(m.step, m.value) for m in signal] == [(0, 0.0), (2, 0.0), (4, 1.0)]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4  # steps 1-4 of 8
+    assert (tmp_path / "runs" / "hacked" / "model" / "rfsr_model.json").is_file()
