@@ -152,3 +152,88 @@ def test_stochastic_metrics_are_seeded_and_small_inputs_resized(random_crop_metr
     assert sr.grad is not None and sr.grad.abs().sum() > 0  # gradient passes the resize
     with pytest.raises(RuntimeError, match="smaller than the crop"):
         PyiqaReward("random_crop")(image)
+
+
+def stage_clip_rn50(home: Path, monkeypatch) -> Path:
+    """A random CLIP RN50 state dict where pyiqa's CLIP loader caches it ($TORCH_HOME/hub/clip).
+
+    That cache is keyed by the SHA-256 of OpenAI's real file, which no stand-in can match, so the
+    checksum step (`_download`) is the one part replaced: it hands back the staged file, as it
+    does for a verified real one. Everything after it (pyiqa's loader, CLIP-IQA, our reward)
+    runs as in production."""
+    from pyiqa.archs import clip_model
+
+    torch.manual_seed(0)
+    rn50 = clip_model.CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)
+    target = home / "hub" / "clip" / "RN50.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # OpenAI ships TorchScript archives; pyiqa's loader reads the state dict back out of one.
+    image, text = torch.rand(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)
+    torch.jit.save(torch.jit.trace(rn50.eval(), (image, text), check_trace=False), target)
+
+    def verified(url: str, root: str) -> str:
+        assert Path(root) == target.parent, root  # the cache under TORCH_HOME, not elsewhere
+        return str(Path(root) / Path(url).name)
+
+    monkeypatch.setattr(clip_model, "_download", verified)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(home / "hub"))
+    return target
+
+
+def test_clip_reward_has_gradients_and_its_outside_tree_model_follows_the_input(
+    torch_home, monkeypatch
+):
+    """CLIP-IQA keeps its CLIP model in a list (outside the module tree, so `.to()` on the
+    metric never moves it); it must still run where the images are, in fp32, also when the
+    step runs under bf16 autocast."""
+    stage_clip_rn50(torch_home, monkeypatch)
+    reward = PyiqaReward("clipiqa")
+    assert reward.info.score_range == "0, 1" and not reward.info.needs_hr
+    clip = reward.metric.net.clip_model[0]
+    assert not any(p is q for p in clip.parameters() for q in reward.parameters())
+    sr = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    grad = gradient(reward, sr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score = reward(sr)
+    assert score.dtype == torch.float32 and torch.isfinite(score).all()
+    parameter = next(clip.parameters())
+    assert parameter.device == sr.device and parameter.dtype == torch.float32
+    term = build_reward(RewardConfig(name="clipiqa", weight=1.0, form="hinge", margin=2.0))
+    with torch.no_grad():  # hinge relu(2 − score) with score ∈ [0, 1]: the reference's loss
+        loss, score = term(sr)
+        assert torch.allclose(loss, (2.0 - score).mean(), atol=1e-5)
+        assert torch.allclose(score, term.reward(sr), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_clip_reward_built_on_a_gpu_runs_its_clip_model_there(torch_home, monkeypatch):
+    stage_clip_rn50(torch_home, monkeypatch)
+    reward = PyiqaReward("clipiqa", device="cuda")
+    sr = torch.rand(1, 3, 64, 64, device="cuda", requires_grad=True)
+    reward(sr).sum().backward()
+    assert next(reward.metric.net.clip_model[0].parameters()).is_cuda
+    assert torch.isfinite(sr.grad).all()
+
+
+def test_dists_reward_from_staged_vgg16_and_dists_weights(torch_home):
+    """DISTS: torchvision's VGG16 trunk in $TORCH_HOME/hub/checkpoints plus pyiqa's own weights
+    in $TORCH_HOME/hub/pyiqa; lower-is-better, so the reward is its negation."""
+    from pyiqa.archs.dists_arch import DISTS
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    trunk = torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    trunk.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vgg16(weights=None).state_dict(), trunk)
+    own = torch_home / "hub" / "pyiqa" / "DISTS_weights-f5e65c96.pth"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(DISTS(pretrained=False).state_dict(), own)
+    reward = PyiqaReward("dists")
+    assert reward.info.needs_hr and reward.sign == -1.0
+    hr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    grad = gradient(reward, hr.flip(-1), hr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():
+        assert reward(hr, hr=hr) > reward(hr.flip(-1), hr=hr)  # identical beats distorted
