@@ -406,6 +406,20 @@ class RewardConfig(StrictModel):
     min_size: int | None = Field(
         None, ge=8, description="upsample smaller images to this side first (e.g. 224, MANIQA)"
     )
+    weights: str | None = Field(
+        None,
+        description="imagereward: ImageReward.pt, or a folder / hub id holding it "
+        "(default THUDM/ImageReward)",
+    )
+    tokenizer: str | None = Field(
+        None, description="imagereward: folder or hub id of its tokenizer (bert-base-uncased)"
+    )
+    prompt: str = Field(
+        "", description="imagereward: the prompt scored with each image (captions win)"
+    )
+    prompt_drop_prob: float = Field(
+        0.0, ge=0, le=1, description="imagereward: score against '' with this probability"
+    )
 
 
 class RewardLossConfig(StrictModel):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rfsr_ray.config import RFSRConfig
+from rfsr_ray.config import RewardConfig, RFSRConfig
 from rfsr_ray.errors import WeightsError
 
 # pyiqa metrics that load no pretrained file.
@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class WeightNeed:
-    kind: Literal["model", "diffusers", "vgg19", "pyiqa"]
+    kind: Literal["model", "diffusers", "hub", "vgg19", "pyiqa"]
     name: str  # a folder, a hub id, a file name or a pyiqa metric name
     used_by: str  # the config key that asks for it
     revision: str | None = None  # hub revision (diffusers needs)
@@ -53,7 +53,8 @@ def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> l
     if rfsr and losses.gram.enabled and not losses.gram.allow_random_vgg:
         needs.append(WeightNeed("vgg19", "vgg19-dcbb9e9d.pth", "losses.gram"))
     if rfsr and losses.reward.enabled:
-        needs += [WeightNeed("pyiqa", t.name, "losses.reward.terms") for t in losses.reward.terms]
+        for term in losses.reward.terms:
+            needs += _reward_needs(term)
     needs += [WeightNeed("pyiqa", n, "losses.monitor.held_out") for n in cfg.held_out_metrics()]
     if scope == "all":
         needs += [WeightNeed("model", m.path, f"eval.models {m.name}") for m in cfg.eval.models]
@@ -83,6 +84,18 @@ def _model_needs(cfg: RFSRConfig) -> list[WeightNeed]:
     return needs
 
 
+def _reward_needs(term: RewardConfig) -> list[WeightNeed]:
+    if term.name != "imagereward":
+        return [WeightNeed("pyiqa", term.name, "losses.reward.terms")]
+    from rfsr_ray.losses.imagereward import HUB_REPO, TOKENIZER_REPO
+
+    key = "losses.reward.terms[imagereward]"
+    return [
+        WeightNeed("hub", term.weights or HUB_REPO, f"{key}.weights"),
+        WeightNeed("hub", term.tokenizer or TOKENIZER_REPO, f"{key}.tokenizer"),
+    ]
+
+
 def vgg19_file(explicit: str | None) -> Path:
     """Where the VGG19 checkpoint is (or would be): the explicit path, else torchvision's cache."""
     if explicit:
@@ -97,9 +110,11 @@ def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
         if Path(need.name).exists():
             return None
         return f"folder {need.name} does not exist; copy the model folder there"
-    if need.kind == "diffusers":
+    if need.kind in ("diffusers", "hub"):
         from rfsr_ray.models.hub import why_unavailable
 
+        if Path(need.name).expanduser().is_file():  # an explicit checkpoint file
+            return None
         return why_unavailable(need.name, need.revision, need.used_by)
     if need.kind == "vgg19":
         path = vgg19_file(cfg.losses.gram.vgg_weights)
@@ -179,7 +194,7 @@ def verify_manifest(directory: Path) -> list[str]:
 
 def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
     """Download one need into the caches the environment points at (network required)."""
-    if need.kind == "diffusers":
+    if need.kind in ("diffusers", "hub"):
         from rfsr_ray.models.hub import resolve
 
         resolve(need.name, need.revision, need.used_by)  # into $HF_HOME's hub cache

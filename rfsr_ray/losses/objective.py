@@ -48,6 +48,7 @@ class RFSRLosses(nn.Module):
         hr_image: torch.Tensor,
         lr_image: torch.Tensor | None = None,
         reference_image: torch.Tensor | None = None,
+        prompts: list[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and every term (losses `loss_*`, raw reward scores `score_*`), detached."""
         active = self.windows.active(index)
@@ -59,7 +60,7 @@ class RFSRLosses(nn.Module):
             terms["loss_structure"], total = value.detach(), total + value
         if "reward" in active:
             for term in self.rewards:
-                value, score = term(sr_image, hr=hr_image, lr=lr_image)
+                value, score = term(sr_image, hr=hr_image, lr=lr_image, prompt=prompts)
                 name = term.cfg.name
                 terms[f"loss_reward_{name}"], total = value.detach(), total + value
                 terms[f"score_{name}"] = score.mean()

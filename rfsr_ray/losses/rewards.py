@@ -188,7 +188,16 @@ class RewardTerm(nn.Module):
 def build_reward(
     cfg: RewardConfig, device: torch.device | str = "cpu", seed: int = 0
 ) -> RewardTerm:
-    """A reward term by pyiqa name, refused at build time when it has no gradient."""
-    reward = PyiqaReward(cfg.name, device, cfg.normalize, cfg.min_size, seed)
+    """A reward term by pyiqa name (or `imagereward`), refused at build time when it has no
+    gradient."""
+    reward: Reward
+    if cfg.name == "imagereward":
+        from rfsr_ray.losses.imagereward import build_imagereward
+
+        reward = build_imagereward(
+            cfg.weights, cfg.tokenizer, cfg.prompt, cfg.prompt_drop_prob, device, seed
+        )
+    else:
+        reward = PyiqaReward(cfg.name, device, cfg.normalize, cfg.min_size, seed)
     check_differentiable(reward)
     return RewardTerm(reward, cfg)

@@ -90,7 +90,7 @@ def rfsr_loss(
     if losses.needs_reference and "gram" in losses.windows.active(index):
         with torch.no_grad(), autocast():
             reference = model.decode(model.predict_x0(latent, timestep, condition, reference=True))
-    total, terms = losses(index, sr_image, batch.hr_image, batch.lr_image, reference)
+    total, terms = losses(index, sr_image, batch.hr_image, batch.lr_image, reference, batch.prompts)
     return StepOutput(total, terms, index)
 
 
