@@ -394,12 +394,13 @@ def full_export_config(cfg: ModelConfig, folder: Path) -> ModelConfig:
     """The config that reloads a full export: its own folder, nothing more to train on top."""
     from rfsr_ray.config import LoRAConfig
 
-    lora = LoRAConfig()
-    update = {"pretrained": str(folder), "revision": None, "finetune": None, "lora": lora}
-    if cfg.family == "controlnet_sr":
-        update["controlnet_sr"] = replace_controlnet(cfg, None)
-    return cfg.model_copy(update=update)
-
-
-def replace_controlnet(cfg: ModelConfig, source: str | None) -> object:
-    return cfg.controlnet_sr.model_copy(update={"controlnet": source})
+    return cfg.model_copy(
+        update={
+            "pretrained": str(folder),
+            "revision": None,
+            "finetune": None,
+            "lora": LoRAConfig(),
+            # the export holds its own controlnet/ folder
+            "controlnet_sr": cfg.controlnet_sr.model_copy(update={"controlnet": None}),
+        }
+    )

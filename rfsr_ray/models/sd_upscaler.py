@@ -7,6 +7,7 @@ size; the VAE decodes it ×4. The released model is a v-prediction model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -140,8 +141,6 @@ def load_sd_upscaler(
 
 
 def _max_noise_level(folder: Path) -> int:
-    import json
-
     index = folder / "model_index.json"
     if index.is_file():
         return int(json.loads(index.read_text()).get("max_noise_level", 350))
