@@ -31,9 +31,14 @@ class MetricInfo:
 
 
 def create(name: str, device: torch.device | str = "cpu") -> Any:
+    """A pyiqa metric by name (PSNR/SSIM on Y). When the hub cannot be reached, weights come
+    from the caches alone, so a missing one fails at once instead of after a minute of retries."""
     import pyiqa
 
-    return pyiqa.create_metric(name, device=device, **METRIC_OPTIONS.get(name, {}))
+    from rfsr_ray.models.hub import cache_only_when_unreachable
+
+    with cache_only_when_unreachable():
+        return pyiqa.create_metric(name, device=device, **METRIC_OPTIONS.get(name, {}))
 
 
 def resolve_metrics(names: tuple[str, ...]) -> tuple[list[MetricInfo], dict[str, str]]:

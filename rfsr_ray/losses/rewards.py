@@ -15,6 +15,7 @@ from torch import nn
 
 from rfsr_ray.config import RewardConfig
 from rfsr_ray.errors import ConfigError, WeightsError
+from rfsr_ray.models.hub import cache_only_when_unreachable
 
 # pyiqa metrics that need no downloaded weights and have a gradient (checked offline).
 WEIGHT_FREE_DIFFERENTIABLE = (
@@ -74,9 +75,10 @@ class PyiqaReward(nn.Module):
                 f"{', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
             )
         try:
-            metric = pyiqa.create_metric(
-                name, as_loss=True, loss_reduction="none", device=torch.device(device)
-            )
+            with cache_only_when_unreachable():
+                metric = pyiqa.create_metric(
+                    name, as_loss=True, loss_reduction="none", device=torch.device(device)
+                )
         except Exception as error:  # pyiqa raises many types when weights cannot be fetched
             raise WeightsError(
                 f"pyiqa metric {name!r} could not be built ({type(error).__name__}: {error}); it "

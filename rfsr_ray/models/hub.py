@@ -8,8 +8,11 @@ we promise a clear error within seconds.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,7 +38,14 @@ def _endpoint() -> str:
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    url = urlparse(_endpoint())
+    """Whether the hub's host accepts a TCP connection, probed once per process and endpoint
+    (every pyiqa metric and model checked on a worker would otherwise pay the timeout again)."""
+    return _probe(_endpoint(), timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(endpoint: str, timeout: float) -> bool:
+    url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
@@ -103,6 +113,27 @@ def resolve(source: str, revision: str | None, key: str, download: bool = True) 
             f"{str(error).splitlines()[0][:200] if str(error) else ''}); "
             + _how_to_provide(source, key)
         ) from None
+
+
+@contextlib.contextmanager
+def cache_only_when_unreachable() -> Iterator[None]:
+    """Inside, Hugging Face loads made by other libraries (timm backbones of pyiqa metrics,
+    transformers parts) read the local cache alone when the hub cannot be reached.
+
+    Without it huggingface_hub retries every candidate file with back-off: a missing timm
+    backbone takes about a minute to report and even a staged one costs ~10 s per metric, on
+    every worker. Its offline flag is read per request, so setting it here is enough.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _offline() or hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def why_unavailable(source: str, revision: str | None, key: str) -> str | None:

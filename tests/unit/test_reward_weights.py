@@ -4,6 +4,7 @@ files (randomly initialised pyiqa architectures) laid out like the real caches: 
 
 from __future__ import annotations
 
+import time
 import urllib.error
 from pathlib import Path
 
@@ -237,3 +238,76 @@ def test_dists_reward_from_staged_vgg16_and_dists_weights(torch_home):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     with torch.no_grad():
         assert reward(hr, hr=hr) > reward(hr.flip(-1), hr=hr)  # identical beats distorted
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache (what $HF_HOME/hub is on a node) for this test."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    # huggingface_hub fixes its cache folder at import, like pyiqa; a fresh import would see this.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def stage_topiq_nr(torch_home: Path, hf_cache: Path) -> None:
+    """TOPIQ-NR: a timm ResNet-50 backbone in the Hugging Face cache (`timm/resnet50.a1_in1k`,
+    laid out as `huggingface-cli download` leaves it) plus pyiqa's own CFANet weights."""
+    import safetensors.torch
+    import timm
+    from pyiqa.archs.topiq_arch import CFANet
+
+    torch.manual_seed(0)
+    repo = hf_cache / "models--timm--resnet50.a1_in1k"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    backbone = timm.create_model("resnet50", pretrained=False)
+    safetensors.torch.save_file(backbone.state_dict(), snapshot / "model.safetensors")
+    net = CFANet(
+        model_name="cfanet_nr_koniq_res50", use_ref=False, pretrained=False, backbone_pretrain=False
+    )
+    own = torch_home / "hub" / "pyiqa" / "cfanet_nr_koniq_res50-9a73138b.pth"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": net.state_dict()}, own)
+
+
+def test_timm_backed_reward_from_the_hugging_face_cache(torch_home, hf_cache, monkeypatch):
+    """An air-gapped node as the README sets it up (HF_HUB_OFFLINE=1, staged caches)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = build_config()
+    need = WeightNeed("pyiqa", "topiq_nr", "losses.reward.terms")
+    assert "does not build offline" in why_missing(need, cfg)
+    stage_topiq_nr(torch_home, hf_cache)
+    assert why_missing(need, cfg) is None
+    reward = PyiqaReward("topiq_nr")
+    assert not reward.info.needs_hr and reward.sign == 1.0
+    sr = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    grad = gradient(reward, sr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_unreachable_hub_reports_a_missing_timm_backbone_at_once(torch_home, hf_cache, monkeypatch):
+    """Without HF_HUB_OFFLINE, huggingface_hub retries each candidate file with back-off (about
+    a minute for TOPIQ-NR); an unreachable hub must instead send the build to the cache alone."""
+    from huggingface_hub import constants
+
+    from rfsr_ray.models import hub
+
+    dead = "http://127.0.0.1:9"  # nothing listens there: refused at once, as a firewall would
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(WeightsError, match="'topiq_nr' could not be built"):
+        PyiqaReward("topiq_nr")
+    assert time.monotonic() - started < 30  # generous: a hang, not a speed, is what fails here
+    assert constants.HF_HUB_OFFLINE is False  # the switch is undone after the build
+    assert hub.hub_reachable() is False
