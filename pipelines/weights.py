@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.action == "list":
             for need in needs:
-                print(f"{need.kind:6} {need.name:40} ({need.used_by})")
+                print(f"{need.kind:9} {need.name:40} ({need.used_by})")
             print(f"{len(needs)} weight(s); weight-free pyiqa metrics are not listed")
             return 0
         if args.dir is None:
