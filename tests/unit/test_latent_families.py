@@ -19,9 +19,10 @@ from rfsr_ray.config import build_config
 from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.models import build_model, load_model
 from rfsr_ray.models.tiny_components import save_tiny_components
-from rfsr_ray.train.step import Batch, build_state, optimizer_step, rfsr_loss
+from rfsr_ray.train.step import Batch, autocast_for, build_state, optimizer_step, rfsr_loss
 
 LORA = {"finetune": "lora", "lora": {"enabled": True, "rank": 4}}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def config(folders: dict[str, Path], family: str, **model: object):
+def config(folders: dict[str, Path], family: str, train: dict | None = None, **model: object):
     return build_config(
         {
             "model": {"family": family, "pretrained": str(folders[family]), **model},
@@ -43,7 +44,7 @@ def config(folders: dict[str, Path], family: str, **model: object):
                 "reward": {"window": [2, 3], "terms": [{"name": "gmsd", "weight": 1.0}]},
                 "gram": {"window": [2, 3], "allow_random_vgg": True, "weight": 1.0},
             },
-            "train": {"lr": 1e-3, "batch_size": 2},
+            "train": {"lr": 1e-3, "batch_size": 2, **(train or {})},
         }
     )
 
@@ -345,3 +346,58 @@ def test_training_batches_carry_captions_as_prompts_with_the_fixed_text_as_fallb
     batch, epoch = next(_batches(Shard(), cfg, torch.device("cpu")))
     assert batch.prompts == ["a red car", "a photo"] and epoch == 0
     assert batch.lr_image.shape == (2, 3, 8, 8) and batch.lr_image.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------- GPU tier
+MEMORY_SAVING = {"gradient_checkpointing": True, "channels_last": True}
+LORA_BOTH = {**LORA, "lora": {"enabled": True, "apply_to": ["unet", "controlnet"]}}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(
+    ("family", "extra", "precision"),
+    [
+        ("sd_upscaler", {"memory": {"gradient_checkpointing": True}}, "bf16"),
+        ("sd_upscaler", LORA, "fp16"),
+        ("controlnet_sr", {"memory": MEMORY_SAVING}, "bf16"),
+        ("controlnet_sr", LORA_BOTH, "fp16"),
+    ],
+)
+def test_mixed_precision_steps_on_a_gpu_update_fp32_weights(folders, family, extra, precision):
+    """bf16/fp16 autocast on CUDA (fp16 with loss scaling): the steps are finite and move the
+    trained weights, which stay fp32 master weights on the GPU."""
+    cfg = config(folders, family, train={"mixed_precision": precision}, **extra)
+    device = torch.device("cuda")
+    model = build_model(cfg.model, 4).to(device)
+    state = build_state(cfg, model, device)
+    assert (state.scaler is not None) == (precision == "fp16")
+    lr, hr = (image.to(device) for image in pair())
+    before = [p.detach().clone() for p in state.params]
+    autocast = autocast_for(precision, device)
+    results = [optimizer_step(state, [Batch(lr, hr)], cfg, autocast) for _ in range(4)]
+    assert not all(r.skipped for r in results), [r.terms for r in results]
+    assert all(torch.isfinite(torch.tensor(r.terms["loss"])) for r in results if not r.skipped)
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in state.params)
+    assert any(not torch.equal(b, p) for b, p in zip(before, state.params, strict=True))
+
+
+@pytest.mark.gpu
+@cuda
+def test_sd_upscaler_samples_like_the_diffusers_pipeline_on_a_gpu(folders):
+    cfg = config(folders, "sd_upscaler", prompt={"guidance_scale": 2.0})
+    model = build_model(cfg.model, 4, trainable=False).to("cuda")
+    lr = pair()[0].cuda()
+    ours = model.sample(lr, 4, torch.Generator("cuda").manual_seed(0))
+    pipeline = StableDiffusionUpscalePipeline.from_pretrained(folders["sd_upscaler"]).to("cuda")
+    theirs = pipeline(
+        prompt=[""] * 2,
+        image=lr,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        noise_level=cfg.model.sd_upscaler.noise_level,
+        generator=torch.Generator("cuda").manual_seed(0),
+        output_type="pt",
+    ).images
+    # GPU kernels may pick other algorithms per call (TF32 convolutions), so 1e-3, not 1e-4.
+    assert (ours.cpu() - theirs.cpu()).abs().max().item() <= 1e-3
