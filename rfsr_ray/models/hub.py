@@ -120,9 +120,10 @@ def cache_only_when_unreachable() -> Iterator[None]:
     """Inside, Hugging Face loads made by other libraries (timm backbones of pyiqa metrics,
     transformers parts) read the local cache alone when the hub cannot be reached.
 
-    Without it huggingface_hub retries every candidate file with back-off: a missing timm
-    backbone takes about a minute to report and even a staged one costs ~10 s per metric, on
-    every worker. Its offline flag is read per request, so setting it here is enough.
+    Without it huggingface_hub retries every candidate file with back-off, so a missing timm
+    backbone takes about a minute to report, on the driver and on every worker. Its offline
+    flag is read per request, so setting it here is enough. The reachability probe is cached
+    for the process (a job's driver or worker), so a hub that comes back mid-job is not seen.
     """
     from huggingface_hub import constants
 
