@@ -266,6 +266,12 @@ class PromptConfig(StrictModel):
         ge=1.0,
         description="classifier-free guidance at sampling (validation, inference); 1 = off",
     )
+    train_guidance_scale: float | None = Field(
+        None,
+        ge=1.0,
+        description="guidance of training rollouts and of the gradient step's x̂0; "
+        "None = guidance_scale (train on what users sample), 1 = unguided (half the cost)",
+    )
 
 
 class LoRAConfig(StrictModel):
@@ -287,6 +293,11 @@ class MemoryConfig(StrictModel):
     channels_last: bool = False
     vae_slicing: bool = Field(False, description="decode one image of a batch at a time")
     vae_tiling: bool = Field(False, description="decode large images in overlapping tiles")
+    free_text_encoder: bool = Field(
+        False,
+        description="encode the fixed prompts (text, '' and negative) once, then free the text "
+        "encoder; not with prompt.from_data (captions are unknown in advance)",
+    )
 
 
 class SDUpscalerConfig(StrictModel):
@@ -299,7 +310,13 @@ class ControlNetSRConfig(StrictModel):
         description="hub id or folder of the ControlNet; None = controlnet/ in model.pretrained",
     )
     start: Literal["noise", "lr_latent"] = Field(
-        "noise", description="x_T: pure noise, or the LR latent noised to the first timestep"
+        "noise", description="x_T: pure noise, or the LR latent noised (see lr_latent_timestep)"
+    )
+    lr_latent_timestep: Literal["final_train", "first_inference"] = Field(
+        "final_train",
+        description="lr_latent start: noise the LR latent to T-1 (999 for SD 2; SeeSR and the "
+        "reference) or to the first inference timestep (StableDiffusionControlNetImg2ImgPipeline "
+        "at strength 1)",
     )
     conditioning_scale: float = Field(1.0, ge=0)
 
@@ -326,7 +343,9 @@ class ModelConfig(StrictModel):
         "and this config (first use), then reuse it",
     )
     sampler: Literal["ddim", "ddpm"] | None = Field(
-        None, description="None: the model's own scheduler (DDIM for tiny)"
+        None,
+        description="None: the model's own scheduler (DDIM for tiny), rebuilt as DDIM from its "
+        "config when its N-step schedule is not N distinct descending timesteps (PNDM)",
     )
     finetune: str | None = Field(None, description="what trains; None = the family's default")
     prompt: PromptConfig = PromptConfig()
@@ -355,6 +374,11 @@ class ModelConfig(StrictModel):
             and "controlnet" in self.lora.apply_to
         ):
             raise ValueError("model.lora.apply_to: the sd_upscaler family has no controlnet")
+        if self.memory.free_text_encoder and self.prompt.from_data:
+            raise ValueError(
+                "model.memory.free_text_encoder=true cannot be used with "
+                "model.prompt.from_data=true (captions are encoded as they arrive); set one false"
+            )
         if self.family == "controlnet_sr" and not self.pretrained:
             raise ValueError(
                 "model.family=controlnet_sr needs model.pretrained (a Stable Diffusion hub id or "
@@ -504,6 +528,17 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_schedule: Literal["constant", "ramp"] = Field(
+        "constant",
+        description="constant: decay ema_decay from the first update (the reference); ramp: "
+        "min(ema_decay, (1 + n)/(10 + n)) after n updates (diffusers' EMAModel default)",
+    )
+    ema_on_cpu: bool = Field(
+        False, description="keep the EMA weights in CPU memory (frees accelerator memory)"
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="8-bit / paged AdamW from bitsandbytes cut optimiser state to 1/4"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(1, ge=0, description="0 = Train local mode (debugging)")
@@ -737,6 +772,11 @@ class OutputConfig(StrictModel):
     row_group_size: int = Field(256, ge=1)
     run_name: str = "rfsr"
     storage_path: str = "outputs/ray_results"
+    allow_config_change: bool = Field(
+        False,
+        description="resume run_name even though training-relevant keys changed (the CLI's "
+        "--resume); otherwise such a rerun is refused",
+    )
 
 
 class InferConfig(StrictModel):
