@@ -120,12 +120,24 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMAModel:
-    """EMA of the trainable parameters, moving toward the trained weights each step.
+class ConstantDecayEMA(EMAModel):
+    """diffusers' EMAModel with the decay fixed at `decay` from the first update, as the
+    reference trains (METHOD.md section 3). EMAModel itself ramps the decay (below)."""
 
-    diffusers' EMAModel with a fixed decay (no warm-up): shadow ← d·shadow + (1−d)·param,
-    d = min(ema_decay, (1 + n) / (10 + n)) after n updates (its standard bias correction).
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
+
+
+def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMAModel:
+    """EMA of the trainable parameters, moving toward the trained weights each step:
+    shadow ← d·shadow + (1−d)·param.
+
+    `ema_schedule: constant`: d = ema_decay at every update (the reference's).
+    `ema_schedule: ramp`: diffusers' default d = min(ema_decay, (1 + n)/(10 + n)) after n
+    updates, a warm-up that reaches 0.991 at n = 1000 and 0.999 only after about 9000.
     """
+    if cfg.ema_schedule == "constant":
+        return ConstantDecayEMA(parameters, decay=cfg.ema_decay)
     return EMAModel(parameters, decay=cfg.ema_decay, min_decay=0.0, use_ema_warmup=False)
 
 
@@ -163,21 +175,24 @@ def _micro_losses(
 ) -> Iterator[StepOutput]:
     last = len(micro_batches) - 1
     for position, batch in enumerate(micro_batches):
-        if cfg.train.objective == "rfsr":
-            assert state.losses is not None  # built for the rfsr objective
-            index = state.losses.windows.sample(state.index_rng)
-            output = rfsr_loss(
-                state.model, state.losses, batch, index, cfg, state.generator, autocast
-            )
-        else:
-            output = denoise_loss(state.model, batch, state.generator, autocast)
-        loss = output.loss / len(micro_batches)
-        if state.scaler is not None:
-            loss = state.scaler.scale(loss)
-        # Gradients are all-reduced only on the last micro-batch (DDP no_sync on the others).
+        # Gradients are all-reduced once, on the last micro-batch. DDP decides in the *forward*
+        # pass whether the following backward reduces, so the forward of every other
+        # micro-batch must run inside no_sync too, not only its backward.
         with no_sync() if position < last else contextlib.nullcontext():
+            output = _micro_loss(state, batch, cfg, autocast)
+            loss = output.loss / len(micro_batches)
+            if state.scaler is not None:
+                loss = state.scaler.scale(loss)
             loss.backward()
         yield output
+
+
+def _micro_loss(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast) -> StepOutput:
+    if cfg.train.objective != "rfsr":
+        return denoise_loss(state.model, batch, state.generator, autocast)
+    assert state.losses is not None  # built for the rfsr objective
+    index = state.losses.windows.sample(state.index_rng)
+    return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
 
 
 def optimizer_step(

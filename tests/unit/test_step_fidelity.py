@@ -1,0 +1,101 @@
+"""The optimiser step as a real run takes it: DDP all-reduces once per optimiser step under
+gradient accumulation, and the EMA decay is the reference's constant one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from rfsr_ray.config import build_config
+from rfsr_ray.models import build_model
+from rfsr_ray.train.step import build_state, optimizer_step
+from tests.unit.test_rfsr_core import fixed_batch, tiny_config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _count_allreduces(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: optimiser steps with grad_accum 1, then 2; writes the bucket all-reduce count
+    of each step (counted by a DDP communication hook) to `out`/rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    counts = []
+    for accum in (1, 2):
+        cfg = tiny_config(train={"grad_accum": accum})
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.data.scale)
+        state = build_state(cfg, model, torch.device("cpu"), rank)
+        calls = [0]
+
+        def hook(calls, bucket):
+            calls[0] += 1
+            tensor = bucket.buffer().div_(world)
+            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        wrapped = []
+        for name, module in model.trainable_modules().items():
+            ddp = DistributedDataParallel(module)
+            ddp.register_comm_hook(calls, hook)
+            setattr(model, name, ddp)
+            wrapped.append(ddp)
+
+        @contextlib.contextmanager
+        def no_sync(wrapped=wrapped):
+            with contextlib.ExitStack() as stack:
+                for ddp in wrapped:
+                    stack.enter_context(ddp.no_sync())
+                yield
+
+        batches = [fixed_batch(seed=rank * 10 + i) for i in range(accum)]
+        optimizer_step(state, batches, cfg, no_sync=no_sync)
+        counts.append(calls[0])
+    Path(out, str(rank)).write_text(" ".join(map(str, counts)))
+    dist.destroy_process_group()
+
+
+def test_gradient_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    """With 2 gloo ranks, a step over 2 micro-batches makes as many bucket all-reduces as a
+    step over 1: the first micro-batch's forward and backward both run under no_sync."""
+    mp.spawn(_count_allreduces, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        single, accumulated = map(int, (tmp_path / str(rank)).read_text().split())
+        assert single >= 1
+        assert accumulated == single, f"rank {rank}: {accumulated} all-reduces, expected {single}"
+
+
+def test_constant_ema_decay_is_the_configured_one_from_the_first_update():
+    cfg = tiny_config(train={"ema_decay": 0.9})
+    assert cfg.train.ema_schedule == "constant"
+    torch.manual_seed(0)
+    state = build_state(cfg, build_model(cfg.model, cfg.data.scale), torch.device("cpu"))
+    for _ in range(3):
+        shadow = [p.clone() for p in state.ema.shadow_params]
+        optimizer_step(state, [fixed_batch()], cfg)
+        for old, new, param in zip(shadow, state.ema.shadow_params, state.params, strict=True):
+            torch.testing.assert_close(new, 0.9 * old + 0.1 * param.detach())
+
+
+@pytest.mark.parametrize(
+    ("schedule", "updates", "expected"),
+    [("constant", 1000, 0.999), ("constant", 1, 0.999), ("ramp", 1000, 1000 / 1009)],
+)
+def test_ema_schedules(schedule, updates, expected):
+    """`ramp` is diffusers' warm-up, (1 + n)/(10 + n) for n = updates − 1: 0.991 at step 1000."""
+    from rfsr_ray.train.step import build_ema
+
+    cfg = build_config({"train": {"ema_decay": 0.999, "ema_schedule": schedule}})
+    ema = build_ema([torch.nn.Parameter(torch.zeros(2))], cfg.train)
+    assert ema.get_decay(updates) == pytest.approx(expected)
