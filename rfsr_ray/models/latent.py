@@ -23,13 +23,15 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from rfsr_ray.config import ModelConfig
+from rfsr_ray.config import ModelConfig, PromptConfig
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.models.diffusion import denoise_target, x0_from_model_output
 from rfsr_ray.models.lora import adapters_disabled, add_lora, unwrap
 from rfsr_ray.models.tiny import MODEL_INFO_FILE
 
-Mode = Literal["train", "sample"]
+# train: RFSR training (prompt dropout, the training guidance); denoise: the standard objective
+# (prompt dropout, never guided); sample: validation and inference (guidance_scale).
+Mode = Literal["train", "denoise", "sample"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,18 @@ def attention_parameters(module: nn.Module) -> list[nn.Parameter]:
         if isinstance(sub, Transformer2DModel):
             found.update({id(p): p for p in sub.parameters()})
     return list(found.values())
+
+
+def guidance_for(settings: PromptConfig, mode: Mode) -> float:
+    """The classifier-free guidance scale of each use. RFSR training rolls out and predicts x̂0
+    with the guidance users sample with (`train_guidance_scale`, default `guidance_scale`), so
+    the trained trajectory is the one inference runs; the denoising objective is never guided."""
+    if mode == "sample":
+        return settings.guidance_scale
+    if mode == "train":
+        train = settings.train_guidance_scale
+        return settings.guidance_scale if train is None else train
+    return 1.0
 
 
 def check_scheduler(scheduler: SchedulerMixin) -> None:
@@ -212,12 +226,12 @@ class LatentSRModel(nn.Module):
         to '' with `prompt.drop_prob` in training) and the guidance scale to sample with."""
         settings = self.cfg.prompt
         texts = list(prompts) if prompts is not None else [settings.text] * batch_size
-        if mode == "train" and settings.drop_prob > 0:
+        if mode != "sample" and settings.drop_prob > 0:
             draws = torch.rand(len(texts), generator=generator, device=_generator_device(generator))
             dropped = (draws < settings.drop_prob).tolist()
             texts = ["" if drop else text for drop, text in zip(dropped, texts, strict=True)]
         embeds = self.encode_prompts(texts)
-        guidance = settings.guidance_scale if mode == "sample" else 1.0
+        guidance = guidance_for(settings, mode)
         if guidance > 1.0:
             embeds = torch.cat([self.encode_prompts([settings.negative] * batch_size), embeds])
         return embeds, guidance
@@ -351,7 +365,7 @@ class LatentSRModel(nn.Module):
             0, steps, (clean.shape[0],), generator=generator, device=_generator_device(generator)
         ).to(clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timestep)
-        condition = self.condition(lr_image, generator, mode="train")
+        condition = self.condition(lr_image, generator, mode="denoise")
         output = self.model_output(noisy, timestep, condition)
         target = denoise_target(self.scheduler, clean, noise, timestep)
         return F.mse_loss(output.float(), target.float())

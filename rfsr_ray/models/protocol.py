@@ -34,11 +34,12 @@ class ISRDiffusionModel(Protocol):
         lr_image: torch.Tensor,
         generator: torch.Generator | None = None,
         prompts: list[str] | None = None,
-        mode: Literal["train", "sample"] = "sample",
+        mode: Literal["train", "denoise", "sample"] = "sample",
     ) -> Any:
         """Everything the denoiser needs besides the latent, built once per batch from LR.
-        `prompts` are per-sample texts (latent families; None = the configured prompt); `train`
-        mode applies prompt dropout, `sample` mode classifier-free guidance."""
+        `prompts` are per-sample texts (latent families; None = the configured prompt). `train`
+        (RFSR) and `denoise` (the standard objective) apply prompt dropout; `sample` and `train`
+        apply classifier-free guidance (the training guidance for `train`), `denoise` never."""
         ...
 
     def start_latent(self, condition: Any, generator: torch.Generator | None) -> torch.Tensor:
