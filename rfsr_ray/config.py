@@ -425,7 +425,9 @@ class RewardConfig(StrictModel):
     form: Literal["hinge", "linear"] = "hinge"
     margin: float = 2.0
     normalize: bool = Field(
-        False, description="map the score to [0, 1] with the metric's score range (pyiqa)"
+        False,
+        description="map the score to [0, 1] with the metric's pyiqa score range; needs two "
+        "finite bounds, approximate ('~0, ~100') or not",
     )
     min_size: int | None = Field(
         None, ge=8, description="upsample smaller images to this side first (e.g. 224, MANIQA)"
@@ -445,6 +447,26 @@ class RewardConfig(StrictModel):
         0.0, ge=0, le=1, description="imagereward: score against '' with this probability"
     )
 
+    @model_validator(mode="after")
+    def _normalisable(self) -> RewardConfig:
+        """`normalize: true` needs two finite bounds ("0, ~" or ImageReward's z-scores have none).
+
+        Checked here so a config is refused on the driver before Ray starts, for every entry
+        point. The range comes from pyiqa's static table read from its file (about 1 ms, cached;
+        `import pyiqa` would cost seconds in each worker that validates the config); an unknown
+        name is left to the build, which refuses it."""
+        if not self.normalize:
+            return self
+        from rfsr_ray.score_range import declared_range, normalisation_bounds
+
+        declared = (None, False) if self.name == "imagereward" else declared_range(self.name)
+        if declared is not None:
+            try:
+                normalisation_bounds(self.name, *declared)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return self
+
 
 class RewardLossConfig(StrictModel):
     enabled: bool = True
@@ -456,9 +478,18 @@ class GramLossConfig(StrictModel):
     enabled: bool = True
     weight: float = Field(5e-7, ge=0)
     window: Window = (40, 49)
-    variant: Literal["l1", "kl"] = "l1"
+    variant: Literal["l1", "kl"] = Field(
+        "l1",
+        description="l1: mean |G − G_ref| (the reference code); kl: KL between softmaxes of "
+        "standardised Gram rows. kl's values are ~100× l1's, so retune `weight` for it",
+    )
     layer_weights: tuple[float, float, float, float, float] = (0.1, 0.1, 1.0, 1.0, 1.0)
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the `kl` variant")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="kl: softmax temperature, in units of a Gram row's standard deviation (rows "
+        "are standardised first; lower sharpens toward each channel's strongest co-activations)",
+    )
     vgg_weights: str | None = Field(None, description="path to torchvision vgg19 state dict")
     allow_random_vgg: bool = False
 

@@ -16,6 +16,7 @@ from torch import nn
 from rfsr_ray.config import RewardConfig
 from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.models.hub import cache_only_when_unreachable
+from rfsr_ray.score_range import higher_better_range, normalisation_bounds
 
 # pyiqa metrics that need no downloaded weights and have a gradient (checked offline).
 WEIGHT_FREE_DIFFERENTIABLE = (
@@ -36,7 +37,7 @@ class RewardInfo:
     name: str
     needs_hr: bool
     differentiable: bool
-    score_range: str | None  # of the higher-is-better score, e.g. "-1, 0" for a negated metric
+    score_range: str | None  # of the higher-is-better score, e.g. "~-1, 0" for negated gmsd
 
 
 @runtime_checkable
@@ -87,12 +88,13 @@ class PyiqaReward(nn.Module):
             ) from None
         self.metric = metric.requires_grad_(False)
         self.sign = -1.0 if metric.lower_better else 1.0
-        score_range = _flip_range(metric.score_range, metric.lower_better)
+        score_range = higher_better_range(metric.score_range, metric.lower_better)
         # Higher-is-better score s ↦ (s − low) / (high − low): rewards on one scale, so their
-        # weights and a hinge margin mean the same for every metric.
+        # weights and a hinge margin mean the same for every metric. The config refuses a
+        # metric without two finite bounds already (RewardConfig); this covers direct builds.
         self.offset, self.span = 0.0, 1.0
         if normalize:
-            self.offset, high = _parse_range(name, score_range)
+            self.offset, high = normalisation_bounds(name, metric.score_range, metric.lower_better)
             self.span = high - self.offset
             score_range = "0, 1"
         self.info = RewardInfo(name, metric.metric_mode == "FR", True, score_range)
@@ -124,27 +126,6 @@ class PyiqaReward(nn.Module):
         factor = self.min_size / shorter
         size = [max(self.min_size, round(side * factor)) for side in image.shape[-2:]]
         return F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def _flip_range(score_range: str | None, lower_better: bool) -> str | None:
-    if score_range is None or not lower_better:
-        return score_range
-    low, _, high = score_range.partition(",")
-    return f"-{high.strip()}, -{low.strip()}"
-
-
-def _parse_range(name: str, score_range: str | None) -> tuple[float, float]:
-    """ "~0, ~100" → (0.0, 100.0); pyiqa marks approximate bounds with "~"."""
-    try:
-        low, high = (float(part.strip().lstrip("~")) for part in (score_range or "").split(","))
-    except ValueError:
-        low = high = float("nan")
-    if not low < high:
-        raise ConfigError(
-            f"reward {name!r} has no usable score range ({score_range!r}) to normalise with; "
-            "set normalize: false for it"
-        )
-    return low, high
 
 
 def check_differentiable(reward: Reward, size: int = 64) -> None:
@@ -195,6 +176,9 @@ def build_reward(
     reward: Reward
     if cfg.name == "imagereward":
         from rfsr_ray.losses.imagereward import build_imagereward
+
+        if cfg.normalize:  # ImageReward's scores are z-scored, with no range: this raises
+            normalisation_bounds(cfg.name, None, lower_better=False)
 
         reward = build_imagereward(
             cfg.weights, cfg.tokenizer, cfg.prompt, cfg.prompt_drop_prob, device, seed

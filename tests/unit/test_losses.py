@@ -7,7 +7,7 @@ from pytorch_wavelets import DTCWTForward
 
 from rfsr_ray.config import GramLossConfig, RewardConfig, StructureLossConfig
 from rfsr_ray.errors import ConfigError, WeightsError
-from rfsr_ray.losses.gram import GramRegulariser, VGGFeatures, gram_matrix
+from rfsr_ray.losses.gram import GramRegulariser, VGGFeatures, gram_distance, gram_matrix
 from rfsr_ray.losses.rewards import PyiqaReward, build_reward
 from rfsr_ray.losses.structure import StructureLoss
 
@@ -62,6 +62,46 @@ def test_gram_kl_nonnegative_and_zero_for_identical():
     sr, ref = smooth_image(0), smooth_image(1)
     assert float(regulariser(sr, sr)) == pytest.approx(0.0, abs=1e-7)
     assert float(regulariser(sr, ref)) > 0
+
+
+def photo(name: str, top: int, left: int, size: int = 128) -> torch.Tensor:
+    """A skimage.data photo crop, 2·size px area-downsampled to (1, 3, size, size) in [0, 1]."""
+    from skimage import data
+
+    pixels = getattr(data, name)()[top : top + 2 * size, left : left + 2 * size]
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
+    return F.interpolate(image, size=(size, size), mode="area")
+
+
+def style_drift(image: torch.Tensor) -> torch.Tensor:
+    """What reward hacking tends to add: more saturation and contrast, and a faint
+    high-frequency pattern, on the same content."""
+    grey = image.mean(dim=1, keepdim=True)
+    vivid = ((grey + 1.6 * (image - grey) - 0.5) * 1.4 + 0.5).clamp(0, 1)
+    index = torch.arange(image.shape[-1], dtype=torch.float32)
+    pattern = torch.sin(2.2 * index)[:, None] * torch.sin(2.2 * index)[None, :]
+    return (vivid + 0.06 * pattern).clamp(0, 1)
+
+
+def test_gram_kl_responds_to_style_drift_relative_to_unrelated_images_as_l1_does():
+    """Raw Gram entries are ~1/C, so softmax(G) at τ = 1 was uniform to ~1e-3 and `kl` ~1e-7:
+    inert, and far less sensitive to drift (relative to an unrelated image) than `l1`. With
+    standardised rows both see the drift as a similar fraction of the unrelated distance.
+    Seeded random VGG19 features: no real weights offline."""
+    regulariser = GramRegulariser(gram_config("l1"))
+    astronaut = photo("astronaut", 0, 100)
+    images = torch.cat([astronaut, style_drift(astronaut), photo("coffee", 50, 100)])
+    with torch.no_grad():
+        grams = regulariser.grams(images)
+        reference = regulariser.grams(astronaut.expand(3, -1, -1, -1))
+    l1 = gram_distance(grams, reference, gram_config("l1"))
+    kl = gram_distance(grams, reference, gram_config("kl"))
+    assert float(l1[0]) == 0.0 and float(kl[0]) == pytest.approx(0.0, abs=1e-6)
+    assert (kl >= 0).all()
+    l1_ratio, kl_ratio = float(l1[1] / l1[2]), float(kl[1] / kl[2])
+    assert 0 < l1_ratio < 1 and 0 < kl_ratio < 1  # the drift stays closer than another photo
+    assert l1_ratio / 3 < kl_ratio < 3 * l1_ratio  # measured 0.22 (l1) and 0.10 (kl)
+    assert float(kl[1]) > 1e-3  # not inert (unstandardised: 1.3e-7)
 
 
 def test_gram_matrix_shape_and_fp32():

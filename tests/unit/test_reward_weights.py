@@ -79,7 +79,7 @@ def test_no_reference_reward_from_staged_weights_has_gradients_and_normalises(to
 def test_full_reference_reward_is_negated_when_lower_is_better(torch_home):
     stage_lpips(torch_home)
     reward = PyiqaReward("lpips")
-    assert reward.info.needs_hr and reward.info.score_range == "-1, -0"
+    assert reward.info.needs_hr and reward.info.score_range == "-1, 0"
     generator = torch.Generator().manual_seed(2)
     hr = torch.rand(2, 3, 64, 64, generator=generator)
     noisy = (hr + 0.3 * torch.randn(2, 3, 64, 64, generator=generator)).clamp(0, 1)
