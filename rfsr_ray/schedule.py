@@ -5,12 +5,17 @@ Windows are inclusive index ranges over the N-step sampler schedule; index 0 is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rfsr_ray.config import LossesConfig, ScheduleConfig
 from rfsr_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 LOSS_NAMES = ("structure", "reward", "gram")
 
@@ -69,3 +74,27 @@ def _probabilities(
     if per_index.sum() <= 0:
         raise ConfigError(f"schedule.window_weights={weights} leave no index to sample; use > 0")
     return per_index / per_index.sum()
+
+
+def describe_timesteps(
+    timesteps: Sequence[int] | torch.Tensor,
+    head: int = 3,
+    tail: int = 3,
+    *,
+    scheduler_name: str | None = None,
+) -> str:
+    """The index → timestep map RFSR trains on, for a log line or a run record, e.g.
+    "0→981, 1→961, 2→941 … 47→41, 48→21, 49→1 (50 steps, DDIMScheduler)".
+
+    `timesteps`: the N-step schedule, index 0 the noisiest; the first `head` and last `tail`
+    entries are shown (all of them when N ≤ head + tail).
+    """
+    values = [int(t) for t in timesteps]
+    pairs = [f"{index}→{value}" for index, value in enumerate(values)]
+    if len(pairs) > head + tail:
+        ends = (", ".join(pairs[:head]), "…", ", ".join(pairs[len(pairs) - tail :]))
+        shown = " ".join(part for part in ends if part)
+    else:
+        shown = ", ".join(pairs)
+    suffix = f", {scheduler_name}" if scheduler_name else ""
+    return f"{shown} ({len(values)} steps{suffix})"

@@ -2,7 +2,10 @@
 bicubic-upsampled LR image (StableSR / SeeSR / DP²O-SR style).
 
 x_T is pure noise (StableDiffusionControlNetPipeline) or the VAE latent of the upsampled LR noised
-to the first timestep, as SeeSR samples (StableDiffusionControlNetImg2ImgPipeline, strength 1).
+(`start: lr_latent`). SeeSR and the RFSR reference noise it to the last training timestep T-1 (999
+for SD 2; `lr_latent_timestep: final_train`, the default); StableDiffusionControlNetImg2ImgPipeline
+at strength 1 noises it to the first inference timestep instead (981 for 50 steps of SD 2's
+schedule; `first_inference`), and only that option samples exactly as that pipeline does.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class ControlNetSRModel(LatentSRModel):
     def start_latent(
         self, condition: LatentCondition, generator: torch.Generator | None
     ) -> torch.Tensor:
+        """x_T, (B, C, H/f, W/f): noise, or the LR latent noised to `lr_latent_start_timestep`
+        (draws in the img2img pipeline's order: VAE posterior sample, then noise)."""
         assert condition.control is not None  # built by `condition`
         dtype = condition.prompt_embeds.dtype
         if self.cfg.controlnet_sr.start == "noise":
@@ -62,12 +67,21 @@ class ControlNetSRModel(LatentSRModel):
             shape = (condition.batch_size, self.vae.config.latent_channels, height, width)
             latent = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
             return latent * self.scheduler.init_noise_sigma
-        if self.scheduler.num_inference_steps is None:
-            raise RuntimeError("call set_timesteps before start_latent (lr_latent start)")
+        timestep = self.lr_latent_start_timestep().repeat(condition.batch_size)
         clean = self.encode(condition.control, generator).to(dtype)
         noise = randn_tensor(clean.shape, generator=generator, device=self.device, dtype=dtype)
-        first = self.scheduler.timesteps[:1].repeat(condition.batch_size)
-        return self.scheduler.add_noise(clean, noise, first)
+        return self.scheduler.add_noise(clean, noise, timestep)
+
+    def lr_latent_start_timestep(self) -> torch.Tensor:
+        """(1,) the timestep the LR latent is noised to: T-1 for `final_train` (SeeSR and the
+        reference: √ᾱ = 0.068 on SD 2, the noisiest level the model was trained at) or the
+        schedule's first timestep for `first_inference` (the img2img pipeline at strength 1)."""
+        if self.cfg.controlnet_sr.lr_latent_timestep == "final_train":
+            final = self.scheduler.config.num_train_timesteps - 1
+            return torch.tensor([final], dtype=torch.long, device=self.device)
+        if self.scheduler.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps before start_latent (lr_latent start)")
+        return self.scheduler.timesteps[:1]
 
     def _denoise(
         self,
@@ -98,7 +112,12 @@ class ControlNetSRModel(LatentSRModel):
     def pipeline(
         self, merged: bool = True
     ) -> StableDiffusionControlNetPipeline | StableDiffusionControlNetImg2ImgPipeline:
-        """The diffusers pipeline that samples like this model (img2img for `lr_latent`)."""
+        """The matching diffusers pipeline over this model's components (img2img for
+        `lr_latent`). It samples exactly like `sample` for `start: noise` and for `lr_latent`
+        with `lr_latent_timestep: first_inference`; with `final_train` (the default) the
+        img2img pipeline at strength 1 starts from the LR latent noised to the first inference
+        timestep, not T-1, so its x_T is slightly less noisy (√ᾱ 0.076 vs 0.068 for 50 steps
+        of SD 2)."""
         take = merged_copy if merged else unwrap
         pipeline_cls = (
             StableDiffusionControlNetPipeline

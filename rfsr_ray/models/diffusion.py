@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from diffusers import SchedulerMixin
+
+from rfsr_ray.errors import ConfigError
 
 
 def alpha_bar(
@@ -50,3 +54,60 @@ def denoise_target(
     if prediction_type == "sample":
         return clean
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def is_variance_preserving(scheduler: SchedulerMixin) -> bool:
+    """Whether x_t = √ᾱ·x0 + √(1−ᾱ)·ε, the parameterisation RFSR's x̂0 uses; sigma-space
+    samplers (Euler, Heun, LMS: init_noise_sigma ≠ 1) scale x_t differently."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    return alphas is not None and float(scheduler.init_noise_sigma) == 1.0
+
+
+def timesteps_problem(
+    timesteps: torch.Tensor, num_inference_steps: int, num_train_timesteps: int
+) -> str | None:
+    """What keeps `timesteps` from being one training timestep per sampler index, or None.
+
+    RFSR's loss windows and index sampling address the schedule by index 0..N-1, so the
+    N-step schedule must be N distinct, strictly descending integers in [0, T-1].
+    """
+    values = timesteps.detach().flatten().cpu().tolist()
+    if not all(float(v).is_integer() for v in values):
+        return "non-integer timesteps"
+    ints = [int(v) for v in values]
+    repeated = sorted({v for v in ints if ints.count(v) > 1}, reverse=True)
+    repeats = f" ({', '.join(map(str, repeated))} repeated)" if repeated else ""
+    if len(ints) != num_inference_steps:
+        return f"{len(ints)} timesteps for {num_inference_steps} steps{repeats}"
+    if repeated:
+        return f"repeated timesteps{repeats}"
+    if any(later >= earlier for earlier, later in pairwise(ints)):
+        return "timesteps that do not strictly descend"
+    if ints and (min(ints) < 0 or max(ints) >= num_train_timesteps):
+        return f"timesteps outside [0, {num_train_timesteps - 1}]"
+    return None
+
+
+def checked_timesteps(
+    scheduler: SchedulerMixin,
+    num_inference_steps: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """`scheduler.set_timesteps(N)` and its timesteps, (N,) descending (index 0 the noisiest),
+    refused with a `ConfigError` unless they are N distinct integers, one per sampler index.
+
+    Every family's `set_timesteps` goes through here, so no scheduler whose list differs from
+    its index range (PNDM with skip_prk_steps gives N+1 with one repeat) ever drives training.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    problem = timesteps_problem(
+        timesteps, num_inference_steps, scheduler.config.num_train_timesteps
+    )
+    if problem is not None:
+        raise ConfigError(
+            f"{type(scheduler).__name__}.set_timesteps({num_inference_steps}) gives {problem}; "
+            f"RFSR needs {num_inference_steps} distinct, strictly descending integer timesteps "
+            "(one per sampler index): set model.sampler=ddim (or ddpm)"
+        )
+    return timesteps

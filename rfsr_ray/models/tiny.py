@@ -18,7 +18,7 @@ from torch import nn
 
 from rfsr_ray.config import ModelConfig, TinyModelConfig
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.models.diffusion import denoise_target, x0_from_model_output
+from rfsr_ray.models.diffusion import checked_timesteps, denoise_target, x0_from_model_output
 
 MODEL_INFO_FILE = "rfsr_model.json"
 
@@ -94,8 +94,7 @@ class TinySRModel(nn.Module):
         )
 
     def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        return self.scheduler.timesteps
+        return checked_timesteps(self.scheduler, num_inference_steps, self.device)
 
     def _denoiser(self, reference: bool) -> UNet2DModel:
         return self.reference_unet if reference else self.unet

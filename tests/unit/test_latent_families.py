@@ -83,8 +83,11 @@ def test_sd_upscaler_samples_like_the_diffusers_pipeline(folders):
 
 @pytest.mark.parametrize("start", ["noise", "lr_latent"])
 def test_controlnet_sr_samples_like_the_diffusers_pipeline(folders, start):
+    # img2img at strength 1 noises the LR latent to the first inference timestep, which is
+    # `lr_latent_timestep: first_inference`; the default (T-1, SeeSR's) differs from it there.
+    controlnet_sr = {"start": start, "lr_latent_timestep": "first_inference"}
     cfg = config(
-        folders, "controlnet_sr", controlnet_sr={"start": start}, prompt={"guidance_scale": 2.0}
+        folders, "controlnet_sr", controlnet_sr=controlnet_sr, prompt={"guidance_scale": 2.0}
     )
     model = build_model(cfg.model, 4, trainable=False)
     lr, _ = pair()
@@ -103,7 +106,7 @@ def test_controlnet_sr_samples_like_the_diffusers_pipeline(folders, start):
     if start == "noise":
         pipeline = StableDiffusionControlNetPipeline.from_pretrained(folders["controlnet_sr"])
         theirs = pipeline(image=control, **kwargs).images
-    else:  # SeeSR's start: img2img at strength 1 noises the LR latent to the first timestep
+    else:  # img2img at strength 1: the LR latent noised to the first inference timestep
         pipeline = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
             folders["controlnet_sr"]
         )
