@@ -1,5 +1,5 @@
 """The `controlnet_sr` family: a Stable Diffusion UNet plus a ControlNet that sees the
-bicubic-upsampled LR image (StableSR / SeeSR / DP²O-SR style).
+bicubic-upsampled LR image (the SeeSR / DP²O-SR design; SeeSR's own weights are not yet supported).
 
 x_T is pure noise (StableDiffusionControlNetPipeline) or the VAE latent of the upsampled LR noised
 (`start: lr_latent`). SeeSR and the RFSR reference noise it to the last training timestep T-1 (999
