@@ -1,6 +1,6 @@
 """RFSR fine-tuning of a diffusion SR model on Ray Train, tracked in MLflow.
 
-python pipelines/finetune.py --config configs/demo.yaml [key.sub=value ...]
+python pipelines/finetune.py --config configs/demo.yaml [--resume] [key.sub=value ...]
 ray job submit --working-dir . -- python pipelines/finetune.py --config configs/finetune/…
 """
 
@@ -17,6 +17,7 @@ from rfsr_ray.train.driver import (
     TrainingOutcome,
     check_base_model,
     ensure_base_model,
+    find_resume,
     run_training,
 )
 
@@ -43,6 +44,7 @@ def finetune(cfg: RFSRConfig) -> int:
             "model.pretrained is not set: RFSR fine-tunes an existing model; give "
             "its folder, or set model.pretrain_config to create one first"
         )
+    find_resume(cfg)  # a rerun with a changed config is refused before Ray or a pretrain starts
     init_ray(local_cpus(cfg))
     ensure_base_model(cfg)
     check_base_model(cfg)
@@ -51,7 +53,7 @@ def finetune(cfg: RFSRConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(finetune, argv, description=__doc__.splitlines()[0])
+    return run_main(finetune, argv, description=__doc__.splitlines()[0], resumable=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pretrain a diffusion SR model with the standard denoising objective on Ray Train.
 
-python pipelines/pretrain.py --config configs/pretrain_tiny.yaml [key.sub=value ...]
+python pipelines/pretrain.py --config configs/pretrain_tiny.yaml [--resume] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import run_training
+from rfsr_ray.train.driver import find_resume, run_training
 
 
 def pretrain(cfg: RFSRConfig) -> int:
@@ -20,6 +20,7 @@ def pretrain(cfg: RFSRConfig) -> int:
         raise ConfigError(
             "pipelines/pretrain.py runs train.objective=denoise; set it in the config"
         )
+    find_resume(cfg)  # a rerun with a changed config is refused before Ray starts
     init_ray(local_cpus(cfg))
     outcome = run_training(cfg)
     print(f"\nexported model: {outcome.run_dir / 'model'}")
@@ -31,7 +32,7 @@ def pretrain(cfg: RFSRConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(pretrain, argv, description=__doc__.splitlines()[0])
+    return run_main(pretrain, argv, description=__doc__.splitlines()[0], resumable=True)
 
 
 if __name__ == "__main__":

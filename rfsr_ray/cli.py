@@ -1,7 +1,8 @@
 """Shared command-line handling of the entry scripts in `pipelines/`.
 
 Every pipeline is `python pipelines/NAME.py --config FILE.yaml [key.sub=value ...]`, plus
-`--print-config` to show the resolved config and exit.
+`--print-config` to show the resolved config and exit. The training pipelines also take
+`--resume`: continue `output.run_name` even though training-relevant keys changed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from rfsr_ray.errors import RFSRError
 log = logging.getLogger("rfsr_ray")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, resumable: bool = False) -> argparse.ArgumentParser:
+    """The shared parser; `resumable` adds `--resume` (pipelines that train a run name)."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Overrides: key.sub=value, e.g. train.steps=100 data.sources=[builtin,/data/hr] "
@@ -29,6 +31,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue output.run_name from its checkpoint even though training-relevant "
+            "keys changed (output.allow_config_change=true); the changes are logged",
+        )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser
 
@@ -36,7 +45,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RFSRConfig | None:
     """Parse argv into a validated config; prints it and returns None for --print-config."""
     args = parser.parse_args(argv)
-    cfg = with_absolute_paths(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append("output.allow_config_change=true")
+    cfg = with_absolute_paths(load_config(args.config, overrides))
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return None
@@ -74,11 +86,15 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def run_main(
-    body: Callable[[RFSRConfig], int], argv: Sequence[str] | None, description: str
+    body: Callable[[RFSRConfig], int],
+    argv: Sequence[str] | None,
+    description: str,
+    resumable: bool = False,
 ) -> int:
-    """Parse, then run `body(cfg) -> int`; user errors print one clear line and return 2."""
+    """Parse, then run `body(cfg) -> int`; user errors print one clear line and return 2.
+    `resumable`: the pipeline trains a run name and takes `--resume`."""
     setup_logging()
-    parser = build_parser(description)
+    parser = build_parser(description, resumable)
     try:
         cfg = parse_config(parser, argv)
         if cfg is None:

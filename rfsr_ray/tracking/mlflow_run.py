@@ -119,6 +119,16 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int) -> None
         client.log_batch(handle.run_id, metrics=items[start : start + 500])
 
 
+def last_logged_step(handle: RunHandle) -> int:
+    """The highest step at which the run holds any metric; -1 for none."""
+    client = _client(handle.tracking_uri)
+    names = client.get_run(handle.run_id).data.metrics.keys()
+    return max(
+        (point.step for name in names for point in client.get_metric_history(handle.run_id, name)),
+        default=-1,
+    )
+
+
 def log_artifact(handle: RunHandle, path: str | Path, artifact_path: str | None = None) -> None:
     """Log a file, or a folder's contents, under `artifact_path`."""
     client = _client(handle.tracking_uri)
@@ -133,6 +143,16 @@ def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
     client = _client(handle.tracking_uri)
     for key, value in tags.items():
         client.set_tag(handle.run_id, key, value)
+
+
+def add_numbered_tag(handle: RunHandle, prefix: str, value: str) -> str:
+    """Set `prefix.N` to `value`, N one more than the run's existing `prefix.*` tags (a
+    history of events in the run's tags, e.g. every resume); returns the key."""
+    client = _client(handle.tracking_uri)
+    existing = [key for key in client.get_run(handle.run_id).data.tags if key.startswith(prefix)]
+    key = f"{prefix}.{len(existing) + 1}"
+    client.set_tag(handle.run_id, key, value)
+    return key
 
 
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:

@@ -7,29 +7,73 @@ Layout of a checkpoint folder:
                                      only the adapters)
     ema.safetensors                  EMA shadow of the trainable parameters, in parameter order
     optimizer.pt, lr_scheduler.pt, rng.pt, grad_scaler.pt (fp16 only)
-    progress.json                    step, skipped steps, data position, MLflow run id
+    progress.json                    step, skipped steps, data position, MLflow run id and the
+                                     hash of the training-relevant config (`config_hash`)
     config.yaml                      the resolved config
-    COMPLETE                         written last: a folder without it is never loaded
+    COMPLETE                         written last: the size of every other file (JSON); a folder
+                                     without it, or with a file missing or short, is never loaded
+
+Ray Train copies a reported checkpoint to storage file by file, in parallel threads, so the marker
+can land on storage before the weights do: completeness is checked against the sizes it lists.
+
+A rerun of a run name continues its newest checkpoint only when the training-relevant config is
+unchanged (`config_changes`). These keys may change on resume (`RESUMABLE_KEYS`): how long to
+train and how often to validate, checkpoint and log; how many workers and which resources; the
+data stage's parallelism; tracking, and the sections other pipelines read (output, eval, infer,
+tune).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import TrainingError
 from rfsr_ray.models.protocol import ISRDiffusionModel
+from rfsr_ray.tracking.mlflow_run import flatten
 from rfsr_ray.train.step import TrainState
 
 COMPLETE_MARKER = "COMPLETE"
+LEGACY_MARKER = "ok\n"  # the marker's text before it listed file sizes
+
+# Config keys (a trailing "." covers a whole section) that may differ between a checkpoint and
+# the config that resumes it: none changes what one optimiser step computes. train.num_workers
+# changes the effective batch (batch_size x grad_accum x num_workers) and each rank's noise
+# stream, but scaling a cluster on resume is routine, so it is allowed with a warning
+# (rfsr_ray.train.driver). output.* names the run folder (a moved folder still resumes) or
+# configures pipelines/prepare_data.py.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.validate_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "train.max_failures",
+    "train.max_nonfinite_steps",
+    "train.num_workers",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+    "train.use_gpu",
+    "data.concurrency",
+    "data.num_cpus",
+    "model.pretrain_config",
+    "tracking.",
+    "output.",
+    "eval.",
+    "infer.",
+    "tune.",
+)
 
 
 @dataclass
@@ -38,6 +82,46 @@ class Progress:
     skipped_steps: int = 0
     data_epoch: int = 0  # newest data epoch consumed; a resumed run starts at the next one
     run_id: str | None = None  # MLflow run to continue
+    config_hash: str | None = None  # `config_hash` of the config that trained it (None: older)
+
+
+def is_resumable_key(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def training_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """The training-relevant keys of a config dict (`cfg.to_dict()` or a loaded config.yaml),
+    flattened to dotted names: everything except `RESUMABLE_KEYS`."""
+    return {k: v for k, v in flatten(tree).items() if not is_resumable_key(k)}
+
+
+def config_hash(cfg: RFSRConfig) -> str:
+    """sha256 of the canonical JSON of `training_config(cfg)` (hex)."""
+    canonical = json.dumps(training_config(cfg.to_dict()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def config_changes(folder: Path, cfg: RFSRConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint's value, cfg's value)} of the training-relevant keys that differ between
+    the complete checkpoint `folder` and `cfg`; {} when they match.
+
+    A key the checkpoint's config lacks (written before the key existed) counts as its default,
+    which keeps the earlier behaviour; a key `cfg` lacks (since removed) reads as None.
+    """
+    progress = read_progress(folder)
+    if progress is not None and progress.config_hash == config_hash(cfg):
+        return {}
+    # No hash (an older checkpoint) or another one: name the keys from its saved config.yaml,
+    # read as plain YAML so a checkpoint of an older schema still loads. Both sides go through
+    # the same YAML round trip, so tuples and floats compare as the saved file holds them.
+    saved = training_config(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+    new = training_config(yaml.safe_load(cfg.to_yaml()))
+    old = {**training_config(yaml.safe_load(RFSRConfig().to_yaml())), **saved}
+    return {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    }
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -73,11 +157,43 @@ def save_checkpoint(folder: Path, state: TrainState, progress: Progress, cfg: RF
     if state.scaler is not None:
         torch.save(state.scaler.state_dict(), partial / "grad_scaler.pt")
     progress.step, progress.skipped_steps = state.step, state.skipped_steps
+    progress.config_hash = config_hash(cfg)
     (partial / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     cfg.save(partial / "config.yaml")
-    (partial / COMPLETE_MARKER).write_text("ok\n")
+    sizes = {
+        path.relative_to(partial).as_posix(): path.stat().st_size
+        for path in sorted(partial.rglob("*"))
+        if path.is_file()
+    }
+    (partial / COMPLETE_MARKER).write_text(json.dumps({"files": sizes}, indent=2))
     partial.rename(folder)
     return folder
+
+
+def is_complete(folder: Path) -> bool:
+    """True when `folder` holds a whole checkpoint: its marker, and every file the marker lists
+    at its listed size (a copy still in progress or cut short is not complete)."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    text = marker.read_text()
+    if text == LEGACY_MARKER:
+        return True
+    try:
+        sizes = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):  # the marker itself is only partly copied
+        return False
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == size
+        for name, size in sizes.items()
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, Progress] | None:
+    """The newest complete checkpoint folder under `run_dir` (by step), and its progress."""
+    found = [(folder, read_progress(folder)) for folder in run_dir.glob("checkpoint_0*")]
+    complete = [(folder, progress) for folder, progress in found if progress is not None]
+    return max(complete, key=lambda item: item[1].step) if complete else None
 
 
 def _rng_state(state: TrainState) -> dict:
@@ -93,10 +209,10 @@ def _rng_state(state: TrainState) -> dict:
 
 def load_checkpoint(folder: Path, state: TrainState) -> Progress:
     """Restore weights, EMA, optimiser, LR schedule and RNGs into `state`; returns progress."""
-    if not (folder / COMPLETE_MARKER).is_file():
+    if not is_complete(folder):
         raise TrainingError(
-            f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker); delete it so the "
-            "previous checkpoint is used"
+            f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker, or a file it lists "
+            "is missing or short); delete it so the previous checkpoint is used"
         )
     device = state.params[0].device
     for name, module in state.model.trainable_modules().items():
@@ -132,7 +248,7 @@ def load_checkpoint(folder: Path, state: TrainState) -> Progress:
 
 def read_progress(folder: Path) -> Progress | None:
     """Progress of a complete checkpoint folder, or None."""
-    if not (folder / COMPLETE_MARKER).is_file():
+    if not is_complete(folder):
         return None
     return Progress(**json.loads((folder / "progress.json").read_text()))
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import yaml
 from ray.train.torch import TorchTrainer
 
 from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
@@ -21,7 +22,7 @@ from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_e
 from rfsr_ray.data.sources import read_sources
 from rfsr_ray.errors import ConfigError, DataError, TrainingError
 from rfsr_ray.tracking import mlflow_run
-from rfsr_ray.train.checkpoint import Progress, read_progress
+from rfsr_ray.train.checkpoint import Progress, config_changes, latest_checkpoint
 from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
 from rfsr_ray.train.validate import ValidationSet
 from rfsr_ray.weights import require_weights
@@ -42,11 +43,78 @@ def run_dir_of(cfg: RFSRConfig) -> Path:
     return Path(cfg.output.storage_path).resolve() / cfg.output.run_name
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, Progress] | None:
-    """The newest complete checkpoint of a previous run with the same name, and its progress."""
-    found = [(folder, read_progress(folder)) for folder in run_dir.glob("checkpoint_0*")]
-    complete = [(folder, progress) for folder, progress in found if progress is not None]
-    return max(complete, key=lambda item: item[1].step) if complete else None
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a rerun of a run name continues, and how its config changed."""
+
+    folder: Path
+    progress: Progress
+    changes: dict[str, tuple[Any, Any]]  # {key: (old, new)} of training-relevant keys
+
+
+def find_resume(cfg: RFSRConfig) -> Resume | None:
+    """The newest complete checkpoint of `output.run_name`, or None for a new run.
+
+    Refuses (ConfigError) when a training-relevant key differs from the checkpoint's config,
+    unless `output.allow_config_change` (the CLI's `--resume`); the keys that may change are
+    `rfsr_ray.train.checkpoint.RESUMABLE_KEYS`. Reads files only: call it before Ray starts.
+    """
+    latest = latest_checkpoint(run_dir_of(cfg))
+    if latest is None:
+        return None
+    folder, progress = latest
+    changes = config_changes(folder, cfg)
+    if changes and not cfg.output.allow_config_change:
+        raise ConfigError(
+            f"output.run_name={cfg.output.run_name!r} already has a checkpoint at step "
+            f"{progress.step} ({folder}) trained with a different config "
+            f"({describe_changes(changes)}); pick a new output.run_name, or pass --resume "
+            "(output.allow_config_change=true) to continue it with the new values"
+        )
+    return Resume(folder, progress, changes)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
+    """'train.lr: 0.0001 → 0.0002, …' for the first `limit` keys, then how many more."""
+    parts = [f"{key}: {old!r} → {new!r}" for key, (old, new) in list(changes.items())[:limit]]
+    if len(changes) > limit:
+        parts.append(f"and {len(changes) - limit} more")
+    return ", ".join(parts)
+
+
+def _warn_if_rescaled(cfg: RFSRConfig, resume: Resume) -> None:
+    """train.num_workers may change on resume (clusters get rescaled), but it changes the
+    effective batch and the per-rank noise streams: say so."""
+    saved = yaml.safe_load((resume.folder / "config.yaml").read_text()) or {}
+    before = saved.get("train", {}).get("num_workers", cfg.train.num_workers)
+    if before == cfg.train.num_workers:
+        return
+    per_worker = cfg.train.batch_size * cfg.train.grad_accum
+    log.warning(
+        "train.num_workers changed %d → %d on resume: the effective batch per optimiser step "
+        "changes from %d to %d samples",
+        before,
+        cfg.train.num_workers,
+        per_worker * max(1, before),
+        per_worker * max(1, cfg.train.num_workers),
+    )
+
+
+def _keep_previous_config(cfg: RFSRConfig, resume: Resume) -> Path | None:
+    """On a resume with changed training keys (allowed by output.allow_config_change): warn,
+    and keep the config that trained up to the checkpoint beside the new `config.yaml`.
+    Returns the kept file (None: nothing changed)."""
+    if not resume.changes:
+        return None
+    log.warning(
+        "resuming %s at step %d with a changed config (output.allow_config_change): %s",
+        cfg.output.run_name,
+        resume.progress.step,
+        describe_changes(resume.changes, limit=len(resume.changes)),
+    )
+    kept = run_dir_of(cfg) / f"config.until_step_{resume.progress.step:08d}.yaml"
+    shutil.copyfile(resume.folder / "config.yaml", kept)
+    return kept
 
 
 def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
@@ -104,6 +172,27 @@ def build_trainer(
     )
 
 
+def _save_config(
+    cfg: RFSRConfig,
+    run: mlflow_run.RunHandle | None,
+    resume: Resume | None,
+    kept_config: Path | None,
+) -> None:
+    """`config.yaml` in the run folder and the MLflow run; a changed config's predecessor too,
+    and a tag naming the changes (the run's params stay those of its first config)."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    if run is None:
+        return
+    mlflow_run.log_artifact(run, run_dir / "config.yaml")
+    if kept_config is not None and resume is not None:
+        mlflow_run.log_artifact(run, kept_config)
+        changes = describe_changes(resume.changes, limit=len(resume.changes))
+        tag = f"rfsr.config_change.step_{resume.progress.step}"
+        mlflow_run.set_tags(run, {tag: changes[:5000]})  # MLflow caps tag values
+
+
 def run_training(
     cfg: RFSRConfig,
     *,
@@ -117,12 +206,15 @@ def run_training(
     tags: extra MLflow tags of a new run (`mlflow.parentRunId` nests it under a sweep).
     run_id: an MLflow run to continue when no checkpoint names one (a restarted sweep trial).
     """
+    resume = find_resume(cfg)  # a changed config is refused before anything starts
     require_weights(cfg)  # every missing weight at once, before data or workers start
     run_dir = run_dir_of(cfg)
-    latest = latest_checkpoint(run_dir)
-    previous = latest[1] if latest else None
-    if previous is not None:
-        log.info("resuming %s from step %d", run_dir, previous.step)
+    previous = resume.progress if resume else None
+    kept_config = None
+    if resume is not None:
+        log.info("resuming %s from step %d", run_dir, resume.progress.step)
+        _warn_if_rescaled(cfg, resume)
+        kept_config = _keep_previous_config(cfg, resume)
     run = None
     if cfg.tracking.enabled:
         run = mlflow_run.start_run(
@@ -134,18 +226,9 @@ def run_training(
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
     pipeline = build_pair_dataset(cfg.data, cfg.degradation, epochs_needed(cfg, start_epoch))
-    context = LoopContext(
-        str(run_dir),
-        run,
-        build_validation_set(cfg),
-        pipeline.stats,
-        start_epoch,
-        str(latest[0]) if latest else None,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    if run is not None:
-        mlflow_run.log_artifact(run, run_dir / "config.yaml")
+    # Workers find the checkpoint to resume themselves (it may be newer by then: a retry).
+    context = LoopContext(str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch)
+    _save_config(cfg, run, resume, kept_config)
     try:
         # Ids and degradation JSON stay in the Parquet sets; captions go along when they are
         # the prompts.

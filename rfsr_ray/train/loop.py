@@ -8,6 +8,7 @@ to MLflow, validates and exports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -28,8 +29,17 @@ from PIL import Image
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.images import to_tensor
 from rfsr_ray.models import build_model
+from rfsr_ray.models.protocol import ISRDiffusionModel
+from rfsr_ray.schedule import describe_timesteps
 from rfsr_ray.tracking import mlflow_run
-from rfsr_ray.train.checkpoint import Progress, load_checkpoint, save_checkpoint, unwrap
+from rfsr_ray.train.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    read_progress,
+    save_checkpoint,
+    unwrap,
+)
 from rfsr_ray.train.step import (
     Batch,
     TrainState,
@@ -49,12 +59,15 @@ log = logging.getLogger("rfsr_ray.train")
 class LoopContext:
     """What the driver hands every worker besides the config (must stay picklable)."""
 
-    run_dir: str  # absolute; validation grids, the exported model and tables go here
+    run_dir: str  # absolute; Ray's storage folder of the run: checkpoints, validation grids,
+    # the exported model and tables
     run: mlflow_run.RunHandle | None = None
     val_set: ValidationSet | None = None
     data_stats: Any = None  # ActorHandle[PipelineStats] of the training pipeline
     start_epoch: int = 0
-    resume_dir: str | None = None  # newest checkpoint of an earlier fit() with the same run name
+    # Set on rank 0 when the worker starts (not by the driver): the last step `run` already holds
+    # metrics for; metrics at that step or earlier are not logged again.
+    logged_through: int = -1
 
 
 @dataclass
@@ -143,26 +156,100 @@ def ema_weights(state: TrainState) -> Iterator[None]:
         state.ema.restore(state.params)
 
 
+def _resume_folder(run_dir: str) -> str | None:
+    """The newest complete checkpoint of this run, looked up now (each worker group start).
+
+    Ray registers a checkpoint with the controller only after rank 0 has copied it to storage,
+    so a worker killed in between leaves a complete checkpoint that `get_checkpoint()` of the
+    retried group does not return; the run folder (Ray's storage folder, shared by every node)
+    holds it, and every checkpoint of an earlier fit() with the same run name. Rank 0 decides
+    and the others follow, so no rank can start from another step.
+    """
+    candidates = []
+    found = latest_checkpoint(Path(run_dir))
+    if found is not None:
+        candidates.append(found)
+    registered = ray.train.get_checkpoint()
+    if registered is not None:  # normally also under run_dir; kept should storage move
+        progress = read_progress(Path(registered.path))
+        if progress is not None:
+            candidates.append((Path(registered.path), progress))
+    newest = max(candidates, key=lambda item: item[1].step)[0] if candidates else None
+    return _from_rank_zero(str(newest) if newest is not None else None)
+
+
+def _from_rank_zero(value: str | None) -> str | None:
+    """Rank 0's `value` on every rank (just `value` outside torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _restore(
-    state: TrainState, cfg: RFSRConfig, rank: int, progress: Progress, resume_dir: str | None
+    state: TrainState, cfg: RFSRConfig, rank: int, progress: Progress, context: LoopContext
 ) -> Progress:
-    """Load Ray's checkpoint of this fit() (a FailureConfig retry), else the newest one of an
-    earlier fit() with the same run name, else start fresh."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            restored = load_checkpoint(Path(folder), state)
-    elif resume_dir is not None:
-        restored = load_checkpoint(Path(resume_dir), state)
-    else:
+    """Load the newest complete checkpoint of the run (`_resume_folder`), else start fresh;
+    rank 0 tags the MLflow run `rfsr.resume.N` with the step and folder of each resume."""
+    run = context.run
+    folder = _resume_folder(context.run_dir)
+    if folder is None:
         return progress
+    restored = load_checkpoint(Path(folder), state)
     if rank != 0:  # the checkpoint holds rank 0's generators; other ranks draw their own
         state.index_rng = np.random.default_rng([cfg.train.seed, rank, restored.step])
         state.generator.manual_seed(cfg.train.seed * 1_000_003 + rank + restored.step)
     log.info(
-        "rank %d resumed at step %d (after data epoch %d)", rank, restored.step, restored.data_epoch
+        "rank %d resumed at step %d from %s (after data epoch %d)",
+        rank,
+        restored.step,
+        folder,
+        restored.data_epoch,
     )
+    if rank == 0 and run is not None:  # every resume (rerun or retry) stays on record
+        mlflow_run.add_numbered_tag(run, "rfsr.resume", f"step {restored.step} from {folder}")
     return restored
+
+
+def _logged_through(context: LoopContext, rank: int) -> LoopContext:
+    """`context` with `logged_through` set from the MLflow run (rank 0).
+
+    A group retried after a failure resumes at its last checkpoint, but the killed group may
+    have logged later steps already; MLflow cannot delete metric points, so the retried group
+    skips every step the run holds (the high-water mark is read from the run itself, so it also
+    covers a kill before the first checkpoint and a rerun of the same run name).
+    """
+    if rank != 0 or context.run is None:
+        return context
+    return dataclasses.replace(context, logged_through=mlflow_run.last_logged_step(context.run))
+
+
+def _log_metrics(context: LoopContext, metrics: dict[str, float], step: int) -> None:
+    """Log to the run unless it already holds metrics at `step` (see `_logged_through`)."""
+    if context.run is not None and step > context.logged_through:
+        mlflow_run.log_metrics(context.run, metrics, step)
+
+
+def _record_timesteps(model: ISRDiffusionModel, cfg: RFSRConfig, context: LoopContext) -> None:
+    """Log once per run which timestep each sampler index is (the loss windows are indices):
+    one INFO line, `timesteps.json` in the run folder and in the MLflow run, and a param."""
+    steps = cfg.schedule.num_inference_steps
+    timesteps = model.set_timesteps(steps)
+    scheduler = getattr(model, "scheduler", None)
+    scheduler_name = type(scheduler).__name__ if scheduler is not None else None
+    summary = describe_timesteps(timesteps, head=3, tail=3, scheduler_name=scheduler_name)
+    log.info("sampler index → timestep (index 0 noisiest): %s", summary)
+    path = Path(context.run_dir) / "timesteps.json"
+    record = {
+        "num_inference_steps": steps,
+        "scheduler": scheduler_name,
+        "timesteps": timesteps.cpu().tolist(),
+    }
+    path.write_text(json.dumps(record, indent=2))
+    if context.run is not None:
+        mlflow_run.log_params(context.run, {"rfsr.timesteps_head_tail": summary})
+        mlflow_run.log_artifact(context.run, path)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -179,7 +266,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fresh = Progress(
         run_id=context.run.run_id if context.run else None, data_epoch=context.start_epoch
     )
-    progress = _restore(state, cfg, rank, fresh, context.resume_dir)
+    progress = _restore(state, cfg, rank, fresh, context)
+    context = _logged_through(context, rank)
+    if rank == 0 and state.step == 0 and cfg.train.objective == "rfsr":
+        _record_timesteps(model, cfg, context)
     no_sync = _wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
     validator = None
@@ -200,6 +290,12 @@ def _train(
     autocast: Any,
     no_sync: Any,
 ) -> None:
+    if state.step >= cfg.train.steps:
+        # Resumed at the last checkpoint, whose report Ray may never have received (a worker
+        # killed before the controller's next poll): finish again (validate, export, report) so
+        # the fit, and a Tune trial, end with the final result.
+        _report(state, cfg, context, progress, rank, validator)
+        return
     device = state.params[0].device
     stream = _batches(ray.train.get_dataset_shard("train"), cfg, device)
     timing = Timing()
@@ -250,8 +346,7 @@ def _record(
         state.step,
         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("data_")),
     )
-    if context.run is not None:
-        mlflow_run.log_metrics(context.run, metrics, state.step)
+    _log_metrics(context, metrics, state.step)
 
 
 def _report(
@@ -330,10 +425,10 @@ def _validate(
         state.step,
         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
     )
+    _log_metrics(context, metrics, state.step)
+    if state.step == 0:
+        _log_metrics(context, {f"base_{k}": v for k, v in base.items()}, 0)
     if context.run is not None:
-        mlflow_run.log_metrics(context.run, metrics, state.step)
-        if state.step == 0:
-            mlflow_run.log_metrics(context.run, {f"base_{k}": v for k, v in base.items()}, 0)
         mlflow_run.log_artifact(context.run, grid_path, "validation")
     return metrics
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -92,8 +93,12 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
         assert history and all(math.isfinite(m.value) for m in history), name
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")} == {0, 2, 3}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "validation", "final_table.md"} <= artifacts
+    assert {"model", "validation", "final_table.md", "timesteps.json"} <= artifacts
     run_dir = tmp_path / "runs" / "run"
+    # The index → timestep map the loss windows refer to, recorded once with the run.
+    timesteps = json.loads((run_dir / "timesteps.json").read_text())["timesteps"]
+    assert len(timesteps) == 4 and timesteps == sorted(timesteps, reverse=True)
+    assert params["rfsr.timesteps_head_tail"].startswith(f"0→{timesteps[0]}, 1→{timesteps[1]}")
     assert training_run_id(run_dir / "model") == run.info.run_id  # evaluation links back
     assert training_run_id(run_dir / "checkpoint_00000003") == run.info.run_id
     exported = load_model(run_dir / "model")
@@ -116,6 +121,34 @@ def test_resume_continues_from_the_checkpoint_in_the_same_run(ray_cluster, tmp_p
     steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4]  # steps 3-4 continue the run; step 1 is not redone
     assert (tmp_path / "runs" / "resumable" / "checkpoint_00000004").is_dir()
+
+
+def test_a_rerun_with_a_changed_config_is_refused_unless_resumed(
+    ray_cluster, tmp_path, base_model, capsys
+):
+    args = tiny_args(tmp_path, base_model, "changed", train__steps=2)
+    assert finetune.main(args) == 0
+    _, first = only_run(tmp_path)
+    capsys.readouterr()
+    changed = [*args, "train.lr=2e-4", "train.steps=4"]  # train.steps may change, lr may not
+    assert finetune.main(changed) == 2  # refused before Ray, data or MLflow start
+    err = capsys.readouterr().err
+    assert "output.run_name='changed' already has a checkpoint at step 2" in err
+    assert "train.lr: 0.0001 → 0.0002" in err and "train.steps" not in err
+    assert "pick a new output.run_name, or pass --resume" in err
+    run_dir = tmp_path / "runs" / "changed"
+    assert load_config(run_dir / "config.yaml").train.lr == 1e-4  # not overwritten
+    assert finetune.main(["--resume", *changed]) == 0
+    client, second = only_run(tmp_path)
+    assert second.info.run_id == first.info.run_id
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    assert steps == [1, 2, 3, 4]
+    assert load_config(run_dir / "config.yaml").train.lr == 2e-4
+    assert load_config(run_dir / "config.until_step_00000002.yaml").train.lr == 1e-4
+    assert "train.lr: 0.0001 → 0.0002" in second.data.tags["rfsr.config_change.step_2"]
+    assert second.data.tags["rfsr.resume.1"].startswith("step 2 from ")
+    artifacts = {a.path for a in client.list_artifacts(second.info.run_id)}
+    assert "config.until_step_00000002.yaml" in artifacts
 
 
 def test_train_local_mode_runs_the_worker_loop_in_process(ray_cluster, tmp_path, base_model):
