@@ -9,7 +9,6 @@ call and draw for draw (same generator order), so a family's `sample` reproduces
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import nn
 
 from rfsr_ray.config import ModelConfig, PromptConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.models.diffusion import denoise_target, x0_from_model_output
+from rfsr_ray.models.diffusion import checked_timesteps, denoise_target, x0_from_model_output
 from rfsr_ray.models.lora import adapters_disabled, add_lora, unwrap
 from rfsr_ray.models.tiny import MODEL_INFO_FILE
 
@@ -85,6 +84,35 @@ def check_scheduler(scheduler: SchedulerMixin) -> None:
         )
 
 
+class FrozenOriginal(nn.Module):
+    """Frozen copies of the tensors of a module that train: the Gram regulariser's original,
+    swapped into the module for a reference forward. The module's other weights never change,
+    so copying them too would only cost memory (all of SD 2's UNet, 3.5 GB, when only its
+    attention blocks train). Buffers (not saved in state dicts) so `.to()` moves them."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.names = [name for name, p in module.named_parameters() if p.requires_grad]
+        for index, name in enumerate(self.names):
+            original = module.get_parameter(name).detach().clone()
+            self.register_buffer(f"tensor_{index}", original, persistent=False)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
+        """`module` computing with the original tensors, without gradient; the trained ones
+        are back in place when the block ends (before any backward pass needs them)."""
+        parameters = [module.get_parameter(name) for name in self.names]
+        trained = [parameter.data for parameter in parameters]
+        with torch.no_grad():
+            try:
+                for parameter, original in zip(parameters, self.buffers(), strict=True):
+                    parameter.data = original
+                yield module
+            finally:
+                for parameter, data in zip(parameters, trained, strict=True):
+                    parameter.data = data
+
+
 class LatentSRModel(nn.Module):
     """Base of the latent families; implements `ISRDiffusionModel` with a family's hooks."""
 
@@ -114,18 +142,21 @@ class LatentSRModel(nn.Module):
         self.tokenizer, self.scheduler, self.cfg, self.scale = tokenizer, scheduler, cfg, scale
         for module in self.components().values():
             module.requires_grad_(False).eval()
-        self.reference = nn.ModuleDict()  # frozen copies (full fine-tuning only)
+        self.reference = nn.ModuleDict()  # FrozenOriginal per trained module (not LoRA)
         if trainable:  # inference loads skip adapters, copies and gradients
             self._select_trainable()
         self._memory_features()
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.fixed_prompts: PromptTable | None = None
+        if trainable and cfg.memory.free_text_encoder:
+            self._free_text_encoder()
 
     # ------------------------------------------------------------------ what trains
     def components(self) -> dict[str, nn.Module]:
         parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
         if self.controlnet is not None:
             parts["controlnet"] = self.controlnet
-        return parts
+        return {name: module for name, module in parts.items() if module is not None}
 
     def _select_trainable(self) -> None:
         mode, lora = self.cfg.finetune_mode, self.cfg.lora
@@ -140,10 +171,9 @@ class LatentSRModel(nn.Module):
             elif part == "unet_attention":
                 for parameter in attention_parameters(self.unet):
                     parameter.requires_grad_(True)
-        # The Gram regulariser's frozen original: copies of only the modules that change.
+        # The Gram regulariser's frozen original: copies of only the tensors that change.
         for name in self.trained_module_names():
-            original = copy.deepcopy(self.components()[name]).requires_grad_(False).eval()
-            self.reference[name] = original
+            self.reference[name] = FrozenOriginal(self.components()[name])
         if not self.trainable_parameters():
             raise ConfigError(f"model.finetune={mode!r} selects no parameters of this model")
 
@@ -193,10 +223,23 @@ class LatentSRModel(nn.Module):
         return next(self.unet.parameters()).device
 
     # ------------------------------------------------------------------ text
+    def _free_text_encoder(self) -> None:
+        """`model.memory.free_text_encoder`: encode every prompt a fixed-prompt run uses (the
+        text, '' for prompt dropout, the negative for guidance), keep those embeddings and drop
+        the encoder (1.4 GB for SD 2's). An export reloads it from `model.pretrained`."""
+        settings = self.cfg.prompt
+        texts = sorted({settings.text, "", settings.negative})
+        self.fixed_prompts = PromptTable(texts, self.encode_prompts(texts))
+        self._prompt_cache.clear()
+        self.text_encoder = None
+
     @torch.no_grad()
     def encode_prompts(self, texts: list[str]) -> torch.Tensor:
         """(B, L, D) text embeddings, as `StableDiffusionPipeline.encode_prompt` makes them;
         cached per text (the encoder is frozen)."""
+        if self.text_encoder is None:
+            assert self.fixed_prompts is not None  # set when the encoder is freed
+            return self.fixed_prompts.lookup(texts)
         device = self.device
         missing = sorted({t for t in texts if (t, str(device)) not in self._prompt_cache})
         if missing:
@@ -273,11 +316,11 @@ class LatentSRModel(nn.Module):
         elif self.cfg.finetune_mode == "lora":  # the original = adapters switched off
             with adapters_disabled(self.unet, self.controlnet):
                 yield unwrap(self.unet), _maybe_unwrap(self.controlnet)
-        else:
-            unet = self.reference["unet"] if "unet" in self.reference else unwrap(self.unet)
-            controlnet = self.reference["controlnet"] if "controlnet" in self.reference else (
-                _maybe_unwrap(self.controlnet))  # fmt: skip
-            yield unet, controlnet
+        else:  # the trained tensors swapped for their frozen originals
+            with contextlib.ExitStack() as stack:
+                for name, original in self.reference.items():
+                    stack.enter_context(original.swapped_into(unwrap(self.components()[name])))
+                yield unwrap(self.unet), _maybe_unwrap(self.controlnet)
 
     def model_output(
         self,
@@ -297,8 +340,8 @@ class LatentSRModel(nn.Module):
         return output
 
     def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        return self.scheduler.timesteps
+        """The N sampler timesteps, noisiest first; refused unless N distinct and descending."""
+        return checked_timesteps(self.scheduler, num_inference_steps, self.device)
 
     @torch.no_grad()
     def sampler_step(
@@ -387,13 +430,52 @@ class LatentSRModel(nn.Module):
             self.save_lora(path)
             export_format = "lora"
         else:
-            self.pipeline(merged=True).save_pretrained(path, safe_serialization=True)
+            with self._text_encoder_loaded():
+                self.pipeline(merged=True).save_pretrained(path, safe_serialization=True)
             export_format = "full"
         (path / MODEL_INFO_FILE).write_text(json.dumps(self.info(export_format), indent=2))
         return path
 
     def save_lora(self, path: Path) -> None:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _text_encoder_loaded(self) -> Iterator[None]:
+        """The text encoder in place for a full export, reloaded from `model.pretrained` when
+        `free_text_encoder` dropped it (it is frozen, so the base's is the trained model's)."""
+        if self.text_encoder is not None:
+            yield
+            return
+        from rfsr_ray.models.hub import resolve
+        from rfsr_ray.models.sd_components import load_text_parts
+
+        assert self.cfg.source is not None  # latent families always have one
+        folder = resolve(self.cfg.source, self.cfg.revision, "model.pretrained")
+        self.text_encoder = load_text_parts(folder, "model.pretrained")[0].requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.text_encoder = None
+
+
+class PromptTable(nn.Module):
+    """Text embeddings of a fixed set of prompts, as buffers (they move with the model)."""
+
+    def __init__(self, texts: list[str], embeds: torch.Tensor) -> None:
+        super().__init__()
+        self.texts = list(texts)
+        self.register_buffer("embeds", embeds, persistent=False)  # (len(texts), L, D)
+
+    def lookup(self, texts: list[str]) -> torch.Tensor:
+        """(B, L, D) embeddings of `texts`, each one of the encoded prompts."""
+        unknown = sorted(set(texts) - set(self.texts))
+        if unknown:
+            raise ConfigError(
+                f"prompt(s) {unknown} were not encoded before model.memory.free_text_encoder "
+                f"dropped the text encoder (encoded: {self.texts}); set "
+                "model.memory.free_text_encoder=false to use other prompts"
+            )
+        return self.embeds[[self.texts.index(text) for text in texts]]
 
 
 def _maybe_unwrap(module: nn.Module | None) -> nn.Module | None:

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from rfsr_ray.config import RFSRConfig, TrainConfig
-from rfsr_ray.errors import TrainingError
+from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.losses.objective import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
 
@@ -109,8 +109,9 @@ def denoise_loss(
 def build_optimizer(
     parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW plus the LR schedule (constant or cosine, both with linear warm-up)."""
-    optimizer = torch.optim.AdamW(
+    """AdamW (`train.optimizer`: torch's, or bitsandbytes' 8-bit / paged 8-bit) plus the LR
+    schedule (constant or cosine, both with linear warm-up)."""
+    optimizer = optimizer_class(cfg.optimizer)(
         parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" else "cosine"
@@ -118,6 +119,27 @@ def build_optimizer(
         name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
     )
     return optimizer, scheduler
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """torch's AdamW, or bitsandbytes' AdamW with 8-bit state: its two moments are kept as
+    uint8 with a float scale per 2048-value block (about 2 bytes per parameter instead of 8;
+    tensors under 4096 values keep fp32 state). The paged variant also lets CUDA page that
+    state out to CPU memory under pressure; on a CPU it runs as the plain 8-bit one."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            f"train.optimizer={name} needs bitsandbytes, which is not installed; install it "
+            "with `pip install -c constraints.txt bitsandbytes`, or set train.optimizer=adamw"
+        ) from None
+    classes = {
+        "adamw_8bit": bitsandbytes.optim.AdamW8bit,
+        "paged_adamw_8bit": bitsandbytes.optim.PagedAdamW8bit,
+    }
+    return classes[name]
 
 
 class ConstantDecayEMA(EMAModel):
@@ -128,6 +150,38 @@ class ConstantDecayEMA(EMAModel):
         return self.decay
 
 
+class CPUShadowEMA(EMAModel):
+    """An EMA whose shadow weights stay in CPU memory whatever device the model is on
+    (`train.ema_on_cpu`): 4 bytes per trained parameter less on the accelerator, for one
+    device-to-CPU copy of the trained weights per update (one tensor at a time, so the extra
+    CPU memory is one tensor). The update is EMAModel's, value for value."""
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], **kwargs: object) -> None:
+        # EMAModel would clone every parameter where it is (the accelerator) first.
+        super().__init__([], **kwargs)
+        self.shadow_params = [p.detach().to("cpu", copy=True) for p in parameters]
+
+    def to(self, device: object = None, dtype: object = None, non_blocking: bool = False) -> None:
+        """Stays on the CPU (only `dtype` applies): `build_state` moves other EMAs."""
+        super().to(device="cpu", dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        for shadow, parameter in zip(self.shadow_params, parameters, strict=True):
+            value = parameter.detach().to("cpu")
+            if parameter.requires_grad:
+                shadow.sub_((1 - decay) * (shadow - value))  # EMAModel.step's expression
+            else:
+                shadow.copy_(value)
+
+
+class ConstantDecayCPUShadowEMA(CPUShadowEMA, ConstantDecayEMA):
+    """The reference's constant decay with the shadow on the CPU."""
+
+
 def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMAModel:
     """EMA of the trainable parameters, moving toward the trained weights each step:
     shadow ← d·shadow + (1−d)·param.
@@ -135,10 +189,13 @@ def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMA
     `ema_schedule: constant`: d = ema_decay at every update (the reference's).
     `ema_schedule: ramp`: diffusers' default d = min(ema_decay, (1 + n)/(10 + n)) after n
     updates, a warm-up that reaches 0.991 at n = 1000 and 0.999 only after about 9000.
+    `ema_on_cpu`: the shadow weights live in CPU memory (`CPUShadowEMA`).
     """
     if cfg.ema_schedule == "constant":
-        return ConstantDecayEMA(parameters, decay=cfg.ema_decay)
-    return EMAModel(parameters, decay=cfg.ema_decay, min_decay=0.0, use_ema_warmup=False)
+        kind = ConstantDecayCPUShadowEMA if cfg.ema_on_cpu else ConstantDecayEMA
+        return kind(parameters, decay=cfg.ema_decay)
+    kind = CPUShadowEMA if cfg.ema_on_cpu else EMAModel
+    return kind(parameters, decay=cfg.ema_decay, min_decay=0.0, use_ema_warmup=False)
 
 
 @dataclass
@@ -273,7 +330,7 @@ def build_state(
     losses = RFSRLosses(cfg, device) if cfg.train.objective == "rfsr" else None
     optimizer, lr_scheduler = build_optimizer(params, cfg.train)
     ema = build_ema(params, cfg.train)
-    ema.to(device)
+    ema.to(device)  # a CPUShadowEMA stays on the CPU
     # Each rank draws its own indices and noise; the pair (seed, rank) makes a run reproducible.
     index_rng = np.random.default_rng([cfg.train.seed, rank])
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
