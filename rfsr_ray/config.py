@@ -583,6 +583,12 @@ class TrainConfig(StrictModel):
     validate_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (train.mixed_precision=no on the command line) as false.
+        return "no" if value is False else value
+
 
 # ---------------------------------------------------------------------------------------- tune
 Number = int | float

@@ -99,3 +99,31 @@ def test_ema_schedules(schedule, updates, expected):
     cfg = build_config({"train": {"ema_decay": 0.999, "ema_schedule": schedule}})
     ema = build_ema([torch.nn.Parameter(torch.zeros(2))], cfg.train)
     assert ema.get_decay(updates) == pytest.approx(expected)
+
+
+def test_ema_weights_swap_in_without_a_copy_and_restore_the_trained_ones():
+    from rfsr_ray.train.loop import ema_weights
+
+    cfg = tiny_config(train={"ema_decay": 0.5})
+    torch.manual_seed(0)
+    state = build_state(cfg, build_model(cfg.model, cfg.data.scale), torch.device("cpu"))
+    optimizer_step(state, [fixed_batch()], cfg)
+    optimizer_step(state, [fixed_batch(seed=1)], cfg)
+    trained = [p.detach().clone() for p in state.params]
+    shadow = [s.clone() for s in state.ema.shadow_params]
+    assert any(not torch.equal(a, b) for a, b in zip(trained, shadow, strict=True))
+    shadow_storage = [s.data_ptr() for s in state.ema.shadow_params]
+    with ema_weights(state):
+        for param, expected, pointer in zip(state.params, shadow, shadow_storage, strict=True):
+            assert torch.equal(param, expected)
+            assert param.data_ptr() == pointer  # the shadow's own storage: nothing copied
+    for param, expected in zip(state.params, trained, strict=True):
+        assert torch.equal(param, expected)
+    for copy, expected in zip(state.ema.shadow_params, shadow, strict=True):
+        assert torch.equal(copy, expected)
+
+
+def test_bare_no_on_the_command_line_means_no_mixed_precision():
+    from rfsr_ray.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
