@@ -12,17 +12,10 @@ from diffusers import StableDiffusionControlNetPipeline, StableDiffusionUpscaleP
 
 from rfsr_ray.config import build_config
 from rfsr_ray.models import build_model
-from rfsr_ray.models.tiny_components import save_tiny_components
 from rfsr_ray.train.step import latent_at_index
 
 STEPS = 5
 PROMPT = {"text": "a photo", "negative": "blurry", "guidance_scale": 3.0}
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("components")
-    return {f: save_tiny_components(f, root / f) for f in ("sd_upscaler", "controlnet_sr")}
 
 
 def model_for(folders, family: str, **prompt: object):

@@ -18,20 +18,10 @@ from diffusers import (
 from rfsr_ray.config import build_config
 from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.models import build_model, load_model
-from rfsr_ray.models.tiny_components import save_tiny_components
 from rfsr_ray.train.step import Batch, autocast_for, build_state, optimizer_step, rfsr_loss
 
 LORA = {"finetune": "lora", "lora": {"enabled": True, "rank": 4}}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("components")
-    return {
-        family: save_tiny_components(family, root / family)
-        for family in ("sd_upscaler", "controlnet_sr")
-    }
 
 
 def config(folders: dict[str, Path], family: str, train: dict | None = None, **model: object):

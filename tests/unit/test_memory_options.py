@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from rfsr_ray.config import TrainConfig, build_config
+from rfsr_ray.config import TrainConfig
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.models import build_model, load_model
-from rfsr_ray.models.tiny_components import save_tiny_components
 from rfsr_ray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from rfsr_ray.train.step import (
     Batch,
@@ -24,6 +21,7 @@ from rfsr_ray.train.step import (
     build_state,
     optimizer_step,
 )
+from tests.unit.test_latent_families import config, pair, seeded
 
 try:
     import bitsandbytes  # noqa: F401
@@ -32,39 +30,6 @@ except ImportError:
 else:
     HAS_BNB = True
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="train.optimizer=adamw_8bit needs bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("components")
-    return {
-        family: save_tiny_components(family, root / family)
-        for family in ("sd_upscaler", "controlnet_sr")
-    }
-
-
-def config(folders, family: str, train: dict | None = None, **model: object):
-    return build_config(
-        {
-            "model": {"family": family, "pretrained": str(folders[family]), **model},
-            "schedule": {"num_inference_steps": 4},
-            "losses": {
-                "structure": {"window": [0, 1], "weight": 1.0},
-                "reward": {"window": [2, 3], "terms": [{"name": "gmsd", "weight": 1.0}]},
-                "gram": {"window": [2, 3], "allow_random_vgg": True, "weight": 1.0},
-            },
-            "train": {"lr": 1e-3, "batch_size": 2, **(train or {})},
-        }
-    )
-
-
-def pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return F.interpolate(hr, scale_factor=0.25, mode="area"), hr
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- 8-bit AdamW
