@@ -28,7 +28,7 @@ from rfsr_ray.config import build_config
 from rfsr_ray.models import build_model
 from rfsr_ray.models.controlnet_sr import ControlNetSRModel
 from rfsr_ray.models.sd_upscaler import SDUpscalerModel
-from rfsr_ray.models.tiny_components import tiny_controlnet_sd, tiny_sd_upscaler, tiny_tokenizer
+from rfsr_ray.testing.tiny_components import tiny_controlnet_sd, tiny_sd_upscaler, tiny_tokenizer
 from rfsr_ray.train.step import Batch, autocast_for, build_state, optimizer_step
 
 UPSCALER_UNET = {  # stabilityai/stable-diffusion-x4-upscaler unet/config.json

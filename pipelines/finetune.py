@@ -34,10 +34,10 @@ def report(outcome: TrainingOutcome) -> None:
 
 
 def finetune(cfg: RFSRConfig) -> int:
-    if cfg.train.objective != "rfsr":
+    if cfg.train.loss != "rfsr":
         raise ConfigError(
-            "pipelines/finetune.py runs train.objective=rfsr; use "
-            "pipelines/pretrain.py for the denoise objective"
+            "pipelines/finetune.py runs train.loss=rfsr; use "
+            "pipelines/pretrain.py for the denoise loss"
         )
     if cfg.model.family == "tiny" and cfg.model.pretrained is None:
         raise ConfigError(

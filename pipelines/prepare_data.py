@@ -30,8 +30,8 @@ def prepare(cfg: RFSRConfig) -> int:
     seconds = time.perf_counter() - started
     print(format_counts(counts))
     print(
-        f"wrote {counts.get('pairs', 0)} pairs in {seconds:.1f}s to {cfg.output.dir}/pairs "
-        f"(preview: {cfg.output.dir}/preview.png, config: {cfg.output.dir}/config.yaml)"
+        f"wrote {counts.get('pairs', 0)} pairs in {seconds:.1f}s to {cfg.prepare.dir}/pairs "
+        f"(preview: {cfg.prepare.dir}/preview.png, config: {cfg.prepare.dir}/config.yaml)"
     )
     return 0
 

@@ -1,4 +1,4 @@
-"""Pretrain a diffusion SR model with the standard denoising objective on Ray Train.
+"""Pretrain a diffusion SR model with the standard denoising loss on Ray Train.
 
 python pipelines/pretrain.py --config configs/pretrain_tiny.yaml [--resume] [key.sub=value ...]
 """
@@ -16,10 +16,8 @@ from rfsr_ray.train.driver import find_resume, run_training
 
 
 def pretrain(cfg: RFSRConfig) -> int:
-    if cfg.train.objective != "denoise":
-        raise ConfigError(
-            "pipelines/pretrain.py runs train.objective=denoise; set it in the config"
-        )
+    if cfg.train.loss != "denoise":
+        raise ConfigError("pipelines/pretrain.py runs train.loss=denoise; set it in the config")
     find_resume(cfg)  # a rerun with a changed config is refused before Ray starts
     init_ray(local_cpus(cfg))
     outcome = run_training(cfg)

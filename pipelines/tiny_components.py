@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rfsr_ray.models.tiny_components import save_tiny_components
+from rfsr_ray.testing.tiny_components import save_tiny_components
 
 
 def main(argv: Sequence[str] | None = None) -> int:

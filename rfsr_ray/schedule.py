@@ -11,13 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rfsr_ray.config import LossesConfig, ScheduleConfig
-from rfsr_ray.errors import ConfigError
+from rfsr_ray.config import RFSRConfig
 
 if TYPE_CHECKING:
     import torch
-
-LOSS_NAMES = ("structure", "reward", "gram")
 
 
 @dataclass(frozen=True)
@@ -35,32 +32,13 @@ class LossWindows:
         return int(rng.choice(len(self.probabilities), p=self.probabilities))
 
 
-def resolve_windows(losses: LossesConfig, schedule: ScheduleConfig) -> LossWindows:
-    """Windows of the enabled losses (the `split` shorthand wins when set), validated."""
-    steps = schedule.num_inference_steps
-    windows: dict[str, tuple[int, int]] = {}
-    for name in LOSS_NAMES:
-        loss = getattr(losses, name)
-        if not loss.enabled:
-            continue
-        window = tuple(loss.window)
-        if schedule.split is not None:
-            split = schedule.split
-            window = (
-                (0, split.structure_end) if name == "structure" else (split.reward_start, steps - 1)
-            )
-        if not 0 <= window[0] <= window[1] < steps:
-            raise ConfigError(
-                f"losses.{name}.window={list(window)} must be ascending and inside [0, {steps - 1}]"
-                f" for schedule.num_inference_steps={steps}, e.g. [0, {steps // 2}]"
-            )
-        windows[name] = window
-    if not windows:
-        raise ConfigError(
-            "no RFSR loss is enabled; enable at least one of losses.structure / losses.reward / "
-            "losses.gram (or use train.objective=denoise)"
-        )
-    return LossWindows(windows, _probabilities(windows, steps, schedule.window_weights))
+def resolve_windows(cfg: RFSRConfig) -> LossWindows:
+    """Windows of the enabled losses (validated by the config schema) and the index distribution."""
+    windows = cfg.loss_windows()
+    return LossWindows(
+        windows,
+        _probabilities(windows, cfg.schedule.num_inference_steps, cfg.schedule.window_weights),
+    )
 
 
 def _probabilities(
@@ -71,8 +49,6 @@ def _probabilities(
     per_index = np.zeros(steps)
     for name, (low, high) in windows.items():
         per_index[low : high + 1] = np.maximum(per_index[low : high + 1], weights.get(name, 1.0))
-    if per_index.sum() <= 0:
-        raise ConfigError(f"schedule.window_weights={weights} leave no index to sample; use > 0")
     return per_index / per_index.sum()
 
 

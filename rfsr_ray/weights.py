@@ -4,7 +4,7 @@ Where each kind is looked for, in order:
 - model folders (`model.pretrained` of the tiny family, `eval.models`): the configured path;
 - diffusers models (`model.pretrained` and `model.controlnet_sr.controlnet` of the latent
   families): a local folder, else the hub id in the Hugging Face cache, else a download when the
-  hub is reachable and `HF_HUB_OFFLINE` is unset (`rfsr_ray.models.hub`);
+  hub is reachable and `HF_HUB_OFFLINE` is unset (`rfsr_ray.hub`);
 - VGG19 for the Gram regulariser: `losses.gram.vgg_weights`, then torchvision's cache
   `$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth` (unless `losses.gram.allow_random_vgg`);
 - pyiqa metrics (rewards, held-out monitor metrics, evaluation metrics): pyiqa's cache
@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rfsr_ray import iqa
 from rfsr_ray.config import RewardConfig, RFSRConfig
 from rfsr_ray.errors import WeightsError
+from rfsr_ray.losses.gram import VGG19_URL, vgg19_file
 
 # pyiqa metrics that load no pretrained file.
 WEIGHT_FREE_METRICS = frozenset(
     ("psnr", "ssim", "fsim", "vsi", "gmsd", "nlpd", "mad", "vif", "cw_ssim", "piqe", "entropy")
 )
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 MANIFEST = "manifest.json"
 
 
@@ -49,7 +49,7 @@ def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> l
     """What `cfg` needs (for training only, or also for evaluation), de-duplicated."""
     needs = _model_needs(cfg)
     losses = cfg.losses
-    rfsr = cfg.train.objective == "rfsr"
+    rfsr = cfg.train.loss == "rfsr"
     if rfsr and losses.gram.enabled and not losses.gram.allow_random_vgg:
         needs.append(WeightNeed("vgg19", "vgg19-dcbb9e9d.pth", "losses.gram"))
     if rfsr and losses.reward.enabled:
@@ -96,14 +96,6 @@ def _reward_needs(term: RewardConfig) -> list[WeightNeed]:
     ]
 
 
-def vgg19_file(explicit: str | None) -> Path:
-    """Where the VGG19 checkpoint is (or would be): the explicit path, else torchvision's cache."""
-    if explicit:
-        return Path(explicit).expanduser()
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    return torch_home / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
-
-
 def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
     """None when `need` is present here, else how to provide it."""
     if need.kind == "model":
@@ -111,7 +103,7 @@ def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
             return None
         return f"folder {need.name} does not exist; copy the model folder there"
     if need.kind in ("diffusers", "hub"):
-        from rfsr_ray.models.hub import why_unavailable
+        from rfsr_ray.hub import why_unavailable
 
         if Path(need.name).expanduser().is_file():  # an explicit checkpoint file
             return None
@@ -124,16 +116,13 @@ def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
             f"{path} not found; download {VGG19_URL} (or run pipelines/weights.py download) and "
             "copy it there, set losses.gram.vgg_weights, or allow_random_vgg=true"
         )
-    from rfsr_ray.eval.metrics import create
-
     try:
-        create(need.name)
-    except Exception as error:  # pyiqa raises URLError, OSError, HF errors, ...
-        first = str(error).strip().splitlines()[0][:160] if str(error) else ""
+        iqa.create_metric(need.name)
+    except WeightsError as error:
+        reason = str(error).removeprefix(f"pyiqa metric {need.name!r} ")
         return (
-            f"pyiqa metric {need.name} does not build offline ({type(error).__name__}: {first}); "
-            "stage it with pipelines/weights.py download and point $TORCH_HOME / $HF_HOME at "
-            "the staged folder"
+            f"pyiqa metric {need.name} does not build offline: {reason}. Stage it with pipelines/weights.py download and point $TORCH_HOME / "
+            "$HF_HOME at the staged folder"
         )
     return None
 
@@ -195,7 +184,7 @@ def verify_manifest(directory: Path) -> list[str]:
 def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
     """Download one need into the caches the environment points at (network required)."""
     if need.kind in ("diffusers", "hub"):
-        from rfsr_ray.models.hub import resolve
+        from rfsr_ray.hub import resolve
 
         resolve(need.name, need.revision, need.used_by)  # into $HF_HOME's hub cache
     elif need.kind == "vgg19":
@@ -206,9 +195,7 @@ def fetch(need: WeightNeed, cfg: RFSRConfig) -> None:
         if not target.is_file():
             download_url_to_file(VGG19_URL, str(target))
     elif need.kind == "pyiqa":
-        from rfsr_ray.eval.metrics import create
-
-        create(need.name)  # pyiqa downloads what the metric needs into its caches
+        iqa.create_metric(need.name)  # pyiqa downloads what the metric needs into its caches
 
 
 def block_downloads() -> None:

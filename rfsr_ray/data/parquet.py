@@ -78,35 +78,35 @@ def read_pair_dataset(path: str | Path) -> ray.data.Dataset:
     if not folder.is_dir():
         raise DataError(
             f"{str(path)!r} is not a pair set (no {folder}/); create one with "
-            "`python pipelines/prepare_data.py --config … output.dir={path}`"
+            "`python pipelines/prepare_data.py --config … prepare.dir={path}`"
         )
     return ray.data.read_parquet(str(folder)).map_batches(decode_pair_batch, batch_format="numpy")
 
 
 def write_pair_set(pipeline: PairPipeline, cfg: RFSRConfig) -> dict[str, int]:
-    """Write the pipeline's pairs under `cfg.output.dir` atomically; returns the outcome counts.
+    """Write the pipeline's pairs under `cfg.prepare.dir` atomically; returns the outcome counts.
 
     Everything is written to a hidden temporary sibling and renamed into place only when complete,
     so a crash never leaves a partial set under the final name. An existing set is replaced only
-    with `output.overwrite: true`.
+    with `prepare.overwrite: true`.
     """
-    final = Path(cfg.output.dir)
-    if final.exists() and not cfg.output.overwrite:
+    final = Path(cfg.prepare.dir)
+    if final.exists() and not cfg.prepare.overwrite:
         raise DataError(
-            f"output {str(final)!r} already exists; set output.overwrite=true to replace it "
-            "or choose another output.dir"
+            f"output {str(final)!r} already exists; set prepare.overwrite=true to replace it "
+            "or choose another prepare.dir"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         encoded = pipeline.dataset.map_batches(encode_pair_batch, batch_format="numpy")
-        encoded.write_parquet(str(pairs_dir(staging)), row_group_size=cfg.output.row_group_size)
+        encoded.write_parquet(str(pairs_dir(staging)), row_group_size=cfg.prepare.row_group_size)
         counts = pipeline.counts()
         raise_if_empty(counts, "prepare_data")
         cfg.save(staging / "config.yaml")
         (staging / "stats.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
-        if cfg.output.preview_rows:
-            write_preview(staging, staging / "preview.png", cfg.output.preview_rows)
+        if cfg.prepare.preview_rows:
+            write_preview(staging, staging / "preview.png", cfg.prepare.preview_rows)
         _replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,14 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rfsr_ray.errors import ConfigError
+from rfsr_ray import iqa
+from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.images import to_tensor, to_uint8
-
-# The papers report PSNR and SSIM on the Y channel of YCbCr.
-METRIC_OPTIONS: dict[str, dict[str, Any]] = {
-    "psnr": {"test_y_channel": True, "color_space": "ycbcr"},
-    "ssim": {"test_y_channel": True, "color_space": "ycbcr"},
-}
 
 
 @dataclass(frozen=True)
@@ -28,17 +23,6 @@ class MetricInfo:
     name: str
     full_reference: bool
     lower_better: bool
-
-
-def create(name: str, device: torch.device | str = "cpu") -> Any:
-    """A pyiqa metric by name (PSNR/SSIM on Y). When the hub cannot be reached, weights come
-    from the caches alone, so a missing one fails at once instead of after a minute of retries."""
-    import pyiqa
-
-    from rfsr_ray.models.hub import cache_only_when_unreachable
-
-    with cache_only_when_unreachable():
-        return pyiqa.create_metric(name, device=device, **METRIC_OPTIONS.get(name, {}))
 
 
 def resolve_metrics(names: tuple[str, ...]) -> tuple[list[MetricInfo], dict[str, str]]:
@@ -56,26 +40,12 @@ def resolve_metrics(names: tuple[str, ...]) -> tuple[list[MetricInfo], dict[str,
     usable, skipped = [], {}
     for name in names:
         try:
-            metric = create(name)
-        except Exception as error:  # pyiqa raises URLError, OSError, RuntimeError, ...
-            skipped[name] = _why(error)
+            metric = iqa.create_metric(name)
+        except WeightsError as error:  # missing weights (no network, nothing staged)
+            skipped[name] = str(error).removeprefix(f"pyiqa metric {name!r} ")
             continue
         usable.append(MetricInfo(name, metric.metric_mode == "FR", bool(metric.lower_better)))
     return usable, skipped
-
-
-def _why(error: Exception) -> str:
-    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
-
-    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-    offline = ("urlopen", "URLError", "HTTP", "LocalEntryNotFound", "OfflineMode", "resolve")
-    if any(word in text for word in offline):
-        return (
-            f"weights not available offline ({text[:160]}); stage them on a machine with "
-            f"network access into {DEFAULT_CACHE_DIR} (pyiqa's cache), $TORCH_HOME or the "
-            "Hugging Face cache ($HF_HOME), then copy that cache to this machine"
-        )
-    return f"could not be built ({text})"
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -96,7 +66,7 @@ class Scorer:
 
     def __init__(self, metrics: list[MetricInfo], crop: int) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.metrics = [(info, create(info.name, device)) for info in metrics]
+        self.metrics = [(info, iqa.create_metric(info.name, device)) for info in metrics]
         self.device, self.crop = device, crop
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ scale) still counts in `l1`; `kl` compares the pattern of each channel's co-acti
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,21 +34,29 @@ from torchvision.models import vgg19
 
 from rfsr_ray.config import GramLossConfig
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.weights import vgg19_file
 
 log = logging.getLogger(__name__)
 
 # Indices of conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 in torchvision's vgg19().features.
 VGG19_LAYERS = (2, 7, 16, 25, 34)
 VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1 checkpoint name
+VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROW_EPS = 1e-12  # variance floor when standardising Gram rows for `kl`
 
 
+def vgg19_file(explicit: str | None) -> Path:
+    """Where the VGG19 checkpoint is (or would be): the explicit path, else torchvision's cache."""
+    if explicit:
+        return Path(explicit).expanduser()
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    return torch_home / "hub" / "checkpoints" / VGG19_FILE
+
+
 def find_vgg_weights(explicit: str | None) -> Path | None:
     """The VGG19 checkpoint: an explicit path, else torchvision's cache under $TORCH_HOME
-    (resolved by `rfsr_ray.weights`, which every weight lookup goes through)."""
+    (`vgg19_file`, which `rfsr_ray.weights` checks too)."""
     path = vgg19_file(explicit)
     if explicit and not path.is_file():
         raise WeightsError(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.losses.rewards import RewardInfo
+from rfsr_ray.losses.reward_protocol import RewardInfo
 
 HUB_REPO = "THUDM/ImageReward"
 CHECKPOINT = "ImageReward.pt"
@@ -272,7 +272,7 @@ def load_tokenizer(folder: Path) -> object:
 
 def checkpoint_file(weights: str | None) -> Path:
     """`weights` (a file, or a folder / hub id holding ImageReward.pt), default the hub repo."""
-    from rfsr_ray.models.hub import resolve
+    from rfsr_ray.hub import resolve
 
     source = weights or HUB_REPO
     if Path(source).expanduser().is_file():
@@ -293,7 +293,7 @@ def build_imagereward(
     seed: int = 0,
 ) -> ImageReward:
     """The released ImageReward from `weights` (default the hub repo) and its tokenizer."""
-    from rfsr_ray.models.hub import resolve
+    from rfsr_ray.hub import resolve
 
     checkpoint = checkpoint_file(weights)
     tokenizer_dir = resolve(

@@ -6,51 +6,15 @@ A reward maps `(sr, hr=None, lr=None, prompt=None)` with images (B, 3, H, W) in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rfsr_ray import iqa
 from rfsr_ray.config import RewardConfig
-from rfsr_ray.errors import ConfigError, WeightsError
-from rfsr_ray.models.hub import cache_only_when_unreachable
+from rfsr_ray.errors import ConfigError
+from rfsr_ray.losses.reward_protocol import Reward, RewardInfo
 from rfsr_ray.score_range import higher_better_range, normalisation_bounds
-
-# pyiqa metrics that need no downloaded weights and have a gradient (checked offline).
-WEIGHT_FREE_DIFFERENTIABLE = (
-    "psnr",
-    "ssim",
-    "fsim",
-    "vsi",
-    "gmsd",
-    "nlpd",
-    "mad",
-    "vif",
-    "cw_ssim",
-)
-
-
-@dataclass(frozen=True)
-class RewardInfo:
-    name: str
-    needs_hr: bool
-    differentiable: bool
-    score_range: str | None  # of the higher-is-better score, e.g. "~-1, 0" for negated gmsd
-
-
-@runtime_checkable
-class Reward(Protocol):
-    info: RewardInfo
-
-    def __call__(
-        self,
-        sr: torch.Tensor,
-        hr: torch.Tensor | None = None,
-        lr: torch.Tensor | None = None,
-        prompt: list[str] | None = None,
-    ) -> torch.Tensor: ...
 
 
 class PyiqaReward(nn.Module):
@@ -68,24 +32,8 @@ class PyiqaReward(nn.Module):
         # Some metrics crop at random (MANIQA, LIQE): each call draws from its own seeded
         # stream, so runs repeat exactly without touching the caller's RNG.
         self.seed, self.calls, self.min_size = seed, 0, min_size
-        import pyiqa  # heavy import, only when a reward is actually built
-
-        if name not in pyiqa.list_models():
-            raise ConfigError(
-                f"reward {name!r} is not a pyiqa metric; e.g. one of "
-                f"{', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
-            )
-        try:
-            with cache_only_when_unreachable():
-                metric = pyiqa.create_metric(
-                    name, as_loss=True, loss_reduction="none", device=torch.device(device)
-                )
-        except Exception as error:  # pyiqa raises many types when weights cannot be fetched
-            raise WeightsError(
-                f"pyiqa metric {name!r} could not be built ({type(error).__name__}: {error}); it "
-                f"probably needs pretrained weights that are not available offline. Weight-free "
-                f"rewards: {', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
-            ) from None
+        iqa.known_metric(name, "losses.reward.terms")
+        metric = iqa.create_metric(name, device, as_loss=True)
         self.metric = metric.requires_grad_(False)
         self.sign = -1.0 if metric.lower_better else 1.0
         score_range = higher_better_range(metric.score_range, metric.lower_better)
@@ -138,7 +86,7 @@ def check_differentiable(reward: Reward, size: int = 64) -> None:
     except RuntimeError as error:
         raise ConfigError(
             f"reward {reward.info.name!r} has no gradient ({error}); it cannot be optimised. "
-            f"Use a differentiable metric, e.g. {', '.join(WEIGHT_FREE_DIFFERENTIABLE)}"
+            f"Use a differentiable metric, e.g. {', '.join(iqa.WEIGHT_FREE_DIFFERENTIABLE)}"
         ) from None
     if sr.grad is None or not torch.isfinite(sr.grad).all() or not sr.grad.abs().sum() > 0:
         raise ConfigError(

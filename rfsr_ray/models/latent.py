@@ -446,7 +446,7 @@ class LatentSRModel(nn.Module):
         if self.text_encoder is not None:
             yield
             return
-        from rfsr_ray.models.hub import resolve
+        from rfsr_ray.hub import resolve
         from rfsr_ray.models.sd_components import load_text_parts
 
         assert self.cfg.source is not None  # latent families always have one

@@ -1,5 +1,5 @@
 """Loading Stable Diffusion components from a local diffusers folder (hub ids are resolved to
-one by `rfsr_ray.models.hub` first), so loading never reaches for the network."""
+one by `rfsr_ray.hub` first), so loading never reaches for the network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, SchedulerMixi
 from torch import nn
 
 from rfsr_ray.errors import WeightsError
+from rfsr_ray.hub import require_component
 from rfsr_ray.models.diffusion import is_variance_preserving, timesteps_problem
-from rfsr_ray.models.hub import require_component
 from rfsr_ray.schedule import describe_timesteps
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from torch import nn
 
 from rfsr_ray.config import ModelConfig
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.models.hub import require_component, resolve
+from rfsr_ray.hub import require_component, resolve
 from rfsr_ray.models.latent import LatentCondition, LatentSRModel, Mode
 from rfsr_ray.models.lora import ADAPTER, lora_state_dict, merged_copy, unwrap
 from rfsr_ray.models.sd_components import load_scheduler, load_text_parts, load_unet, load_vae

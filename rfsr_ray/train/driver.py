@@ -221,7 +221,7 @@ def run_training(
             cfg,
             cfg.output.run_name,
             (previous.run_id if previous else None) or run_id,
-            tags={"objective": cfg.train.objective, **(tags or {})},
+            tags={"objective": cfg.train.loss, **(tags or {})},
         )
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
@@ -273,9 +273,9 @@ def ensure_base_model(cfg: RFSRConfig) -> None:
         cfg.model.pretrain_config,
     )
     recipe = with_absolute_paths(load_config(cfg.model.pretrain_config))
-    if recipe.train.objective != "denoise":
+    if recipe.train.loss != "denoise":
         raise ConfigError(
-            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.objective: denoise"
+            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.loss: denoise"
         )
     outcome = run_training(recipe)
     shutil.copytree(outcome.run_dir / "model", target)

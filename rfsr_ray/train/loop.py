@@ -40,6 +40,7 @@ from rfsr_ray.train.checkpoint import (
     save_checkpoint,
     unwrap,
 )
+from rfsr_ray.train.objective import objective_parts, objective_reward
 from rfsr_ray.train.step import (
     Batch,
     TrainState,
@@ -49,7 +50,6 @@ from rfsr_ray.train.step import (
     optimizer_step,
 )
 from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table
-from rfsr_ray.tune.objective import objective_parts, objective_reward
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
@@ -292,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     progress = _restore(state, cfg, rank, fresh, context)
     context = _logged_through(context, rank)
-    if rank == 0 and state.step == 0 and cfg.train.objective == "rfsr":
+    if rank == 0 and state.step == 0 and cfg.train.loss == "rfsr":
         _record_timesteps(model, cfg, context)
     no_sync = _wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
@@ -435,7 +435,7 @@ def _validate(
             if k in base and k != "gram_to_base"
         }
     )
-    if cfg.losses.reward.terms:  # the number a sweep ranks trials by (rfsr_ray.tune.objective)
+    if cfg.losses.reward.terms:  # the number a sweep ranks trials by (rfsr_ray.train.objective)
         parts = objective_parts(cfg, metrics)
         metrics["val_reward_gain"] = parts["reward_gain"]
         metrics["val_objective"] = parts["objective"]

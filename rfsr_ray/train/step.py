@@ -18,7 +18,7 @@ from diffusers.training_utils import EMAModel
 
 from rfsr_ray.config import RFSRConfig, TrainConfig
 from rfsr_ray.errors import ConfigError, TrainingError
-from rfsr_ray.losses.objective import RFSRLosses
+from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -245,7 +245,7 @@ def _micro_losses(
 
 
 def _micro_loss(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast) -> StepOutput:
-    if cfg.train.objective != "rfsr":
+    if cfg.train.loss != "rfsr":
         return denoise_loss(state.model, batch, state.generator, autocast)
     assert state.losses is not None  # built for the rfsr objective
     index = state.losses.windows.sample(state.index_rng)
@@ -327,7 +327,7 @@ def build_state(
 ) -> TrainState:
     """Losses, optimiser, LR schedule, EMA and per-rank seeded generators for `model`."""
     params = model.trainable_parameters()
-    losses = RFSRLosses(cfg, device) if cfg.train.objective == "rfsr" else None
+    losses = RFSRLosses(cfg, device) if cfg.train.loss == "rfsr" else None
     optimizer, lr_scheduler = build_optimizer(params, cfg.train)
     ema = build_ema(params, cfg.train)
     ema.to(device)  # a CPUShadowEMA stays on the CPU

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from rfsr_ray.config import RFSRConfig
-from rfsr_ray.eval.metrics import create as create_metric
 from rfsr_ray.images import image_grid, to_tensor, to_uint8
-from rfsr_ray.losses.monitor import HackingMonitor
-from rfsr_ray.losses.objective import RFSRLosses
+from rfsr_ray.iqa import create_metric
+from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
+from rfsr_ray.train.monitor import HackingMonitor
 
 # Direction of each validation metric, for tables (↑ higher is better).
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "gram_to_base": False}
@@ -41,17 +41,11 @@ class Validator:
         losses: RFSRLosses | None,
         device: torch.device,
     ) -> None:
-        import pyiqa
-
         self.cfg = cfg
         self.lr, self.hr = val_set.tensors(device)
         self.device = device
-        self.psnr = pyiqa.create_metric(
-            "psnr", test_y_channel=True, color_space="ycbcr", device=device
-        )
-        self.ssim = pyiqa.create_metric(
-            "ssim", test_y_channel=True, color_space="ycbcr", device=device
-        )
+        self.psnr = create_metric("psnr", device)
+        self.ssim = create_metric("ssim", device)
         self.rewards = list(losses.rewards) if losses is not None else []
         self.gram = losses.gram if losses is not None else None
         monitor = cfg.losses.monitor
@@ -59,7 +53,7 @@ class Validator:
         extra = [n for n in cfg.held_out_metrics() if n not in ("psnr", "ssim")]
         self.held_out = {name: create_metric(name, device) for name in extra}
         self.lower_better = {name: bool(m.lower_better) for name, m in self.held_out.items()}
-        reward = self.rewards and cfg.train.objective == "rfsr" and monitor.enabled
+        reward = self.rewards and cfg.train.loss == "rfsr" and monitor.enabled
         self.monitor = HackingMonitor(monitor) if reward else None
         self.base_sr: torch.Tensor | None = None
         self.last: dict[str, float] | None = None  # metrics of the latest `run`

@@ -223,7 +223,6 @@ def write_best_config(cfg: RFSRConfig, best: TrialRow, path: Path) -> Path:
     tree = trial_config(cfg, best.params).to_dict()
     tree["output"]["run_name"] = f"{cfg.tune.name}_best"
     tree["tune"] = build_config().tune.model_dump(mode="json")  # a fine-tune does not sweep
-    tree["tune"]["objective"] = cfg.tune.objective.model_dump(mode="json")
     best_cfg = build_config(tree)
     header = (
         f"# python pipelines/finetune.py --config {path}\n"

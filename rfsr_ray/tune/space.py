@@ -9,7 +9,7 @@ from typing import Any
 
 from rfsr_ray.config import DomainConfig, RFSRConfig, build_config
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.tune.objective import objective_reward
+from rfsr_ray.train.objective import objective_reward
 
 SPLIT_PARAMETERS = ("split_index", "structure_end", "reward_start")
 # Integer ranges up to this size are checked value by value; larger ones by their end points.
@@ -138,8 +138,8 @@ def _check_search_kind(cfg: RFSRConfig, parameters: dict[str, DomainConfig]) -> 
 
 
 def _check_training_setup(cfg: RFSRConfig) -> None:
-    if cfg.train.objective != "rfsr":
-        raise ConfigError("a sweep fine-tunes with RFSR: set train.objective=rfsr")
+    if cfg.train.loss != "rfsr":
+        raise ConfigError("a sweep fine-tunes with RFSR: set train.loss=rfsr")
     if cfg.data.val_source is None and cfg.data.val_pairs is None:
         raise ConfigError(
             "a sweep ranks trials on held-out validation: set data.val_source or data.val_pairs"

@@ -10,7 +10,7 @@ import torch
 
 from pipelines import finetune
 from rfsr_ray.models import load_model
-from rfsr_ray.models.tiny_components import save_tiny_components
+from rfsr_ray.testing.tiny_components import save_tiny_components
 from tests.integration.test_training import only_run, tiny_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -89,8 +89,8 @@ def test_prepare_data_round_trip_and_parquet_source(ray_cluster, tmp_path):
         "data.sources=[builtin:astronaut+chelsea]",
         "data.patch_size=32",
         "data.crops_per_image=2",
-        f"output.dir={out}",
-        "output.preview_rows=2",
+        f"prepare.dir={out}",
+        "prepare.preview_rows=2",
     ]
     assert prepare_data.main(argv) == 0
     assert (out / "preview.png").is_file() and (out / "config.yaml").is_file()
@@ -99,7 +99,7 @@ def test_prepare_data_round_trip_and_parquet_source(ray_cluster, tmp_path):
     rows = read_pair_dataset(out).take_all()
     assert rows[0]["hr"].shape == (32, 32, 3) and rows[0]["lr"].shape == (8, 8, 3)
     assert prepare_data.main(argv) == 2  # refuses to overwrite
-    assert prepare_data.main([*argv, "output.overwrite=true"]) == 0
+    assert prepare_data.main([*argv, "prepare.overwrite=true"]) == 0
 
     # The written set serves as an HR Parquet source too (hr_png column as image bytes).
     cfg = small_config(
@@ -119,7 +119,7 @@ def test_all_inputs_skipped_fails_with_reasons(ray_cluster, tmp_path, capsys):
         [
             f"data.sources=[{tmp_path / 'imgs'}]",
             "data.patch_size=32",
-            f"output.dir={tmp_path / 'out'}",
+            f"prepare.dir={tmp_path / 'out'}",
         ]
     )
     assert code == 2

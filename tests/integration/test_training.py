@@ -171,7 +171,7 @@ def test_pretrain_denoise_objective(ray_cluster, tmp_path):
         if not a.startswith("model.pretrained")
     ]
     args += [
-        "train.objective=denoise",
+        "train.loss=denoise",
         "model.tiny.block_out_channels=[16,32]",
         "tracking.enabled=false",
     ]
@@ -213,7 +213,7 @@ def test_hacking_monitor_stop_ends_the_run_early_with_an_export(
     trajectory (reward up, every held-out metric down) through its real bookkeeping."""
     import itertools
 
-    from rfsr_ray.losses.monitor import HackingMonitor
+    from rfsr_ray.train.monitor import HackingMonitor
 
     real_update, calls = HackingMonitor.update, itertools.count()
 

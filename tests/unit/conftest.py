@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rfsr_ray.models.tiny_components import save_tiny_components
+from rfsr_ray.testing.tiny_components import save_tiny_components
 
 
 @pytest.fixture(scope="module")

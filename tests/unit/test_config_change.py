@@ -31,7 +31,7 @@ def config(tmp_path: Path, **train: object) -> RFSRConfig:
     return build_config(
         {
             "model": {"tiny": {"block_out_channels": [8, 16], "norm_num_groups": 4}},
-            "train": {"objective": "denoise", "lr": 1e-4, **train},
+            "train": {"loss": "denoise", "lr": 1e-4, **train},
             "losses": {"gram": {"weight": 20.0}},
             "output": {"storage_path": str(tmp_path / "runs"), "run_name": "rfsr_demo"},
         }
@@ -143,7 +143,7 @@ def _flat_overrides(cfg: RFSRConfig) -> dict[str, object]:
     return {
         "model.tiny.block_out_channels": "[8,16]",
         "model.tiny.norm_num_groups": 4,
-        "train.objective": "denoise",
+        "train.loss": "denoise",
         "train.lr": 1e-4,
         "losses.gram.weight": 20.0,
         "output.storage_path": cfg.output.storage_path,

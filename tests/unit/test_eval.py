@@ -8,6 +8,7 @@ import math
 import urllib.error
 
 import numpy as np
+import pyiqa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,6 @@ from PIL import Image
 
 from rfsr_ray.config import TestSetConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.eval import metrics as eval_metrics
 from rfsr_ray.eval.inference import (
     _wavelet_split,
     adain_color_fix,
@@ -95,14 +95,14 @@ def test_paired_folders_match_realsr_and_div2k_names_and_keep_unpaired(tmp_path)
 def test_unknown_metric_is_a_config_error_and_missing_weights_skip(monkeypatch):
     with pytest.raises(ConfigError, match="not pyiqa metrics"):
         resolve_metrics(("psnr", "no_such_metric"))
-    real_create = eval_metrics.create
+    real_create = pyiqa.create_metric
 
-    def offline(name, device="cpu"):
+    def offline(name, *args, **kwargs):
         if name == "lpips":
             raise urllib.error.URLError("Name or service not known")
-        return real_create(name, device)
+        return real_create(name, *args, **kwargs)
 
-    monkeypatch.setattr(eval_metrics, "create", offline)
+    monkeypatch.setattr(pyiqa, "create_metric", offline)
     usable, skipped = resolve_metrics(("psnr", "lpips", "piqe"))
     assert [(m.name, m.full_reference, m.lower_better) for m in usable] == [
         ("psnr", True, False),

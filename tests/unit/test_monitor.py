@@ -6,7 +6,7 @@ import pytest
 
 from rfsr_ray.config import HackingMonitorConfig, build_config
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.losses.monitor import HackingMonitor
+from rfsr_ray.train.monitor import HackingMonitor
 
 
 def run(rewards, held_out, **settings):

@@ -298,7 +298,7 @@ def test_unreachable_hub_reports_a_missing_timm_backbone_at_once(torch_home, hf_
     a minute for TOPIQ-NR); an unreachable hub must instead send the build to the cache alone."""
     from huggingface_hub import constants
 
-    from rfsr_ray.models import hub
+    from rfsr_ray import hub
 
     dead = "http://127.0.0.1:9"  # nothing listens there: refused at once, as a firewall would
     monkeypatch.setenv("HF_ENDPOINT", dead)

@@ -165,7 +165,7 @@ def test_few_rfsr_steps_lower_the_loss_and_stay_finite():
 
 
 def test_denoise_objective_trains(cfg):
-    cfg = tiny_config(train={"objective": "denoise"})
+    cfg = tiny_config(train={"loss": "denoise"})
     state = make_state(cfg)
     result = optimizer_step(state, [fixed_batch(), fixed_batch(seed=1)], cfg)
     assert set(result.terms) == {"loss", "loss_denoise"} and result.indices == []
@@ -201,11 +201,11 @@ def test_save_and_load_round_trip(cfg, tmp_path):
 
 
 def test_windows_sampling_and_split(cfg):
-    windows = resolve_windows(cfg.losses, cfg.schedule)
+    windows = resolve_windows(cfg)
     draws = {windows.sample(np.random.default_rng(i)) for i in range(200)}
     assert draws == {0, 1, 2, 5, 6, 7}
     split = tiny_config(schedule={"split": {"structure_end": 3, "reward_start": 6}})
-    resolved = resolve_windows(split.losses, split.schedule).windows
+    resolved = resolve_windows(split).windows
     assert resolved == {"structure": (0, 3), "reward": (6, 7), "gram": (6, 7)}
 
 
@@ -218,12 +218,8 @@ def test_schedule_errors_name_the_window():
         tiny_config(losses={"structure": {"window": [0, 9]}})
     with pytest.raises(ConfigError, match=r"structure_end=5 must be < split\.reward_start=4"):
         tiny_config(schedule={"split": {"structure_end": 5, "reward_start": 4}})
-    none = tiny_config(
-        losses={
-            "structure": {"enabled": False},
-            "reward": {"enabled": False},
-            "gram": {"enabled": False},
-        }
-    )
+    none = {name: {"enabled": False} for name in ("structure", "reward", "gram")}
     with pytest.raises(ConfigError, match="no RFSR loss is enabled"):
-        resolve_windows(none.losses, none.schedule)
+        tiny_config(losses=none)
+    with pytest.raises(ConfigError, match="leave no index to sample"):
+        tiny_config(schedule={"window_weights": {"structure": 0, "reward": 0, "gram": 0}})

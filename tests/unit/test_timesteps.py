@@ -20,8 +20,8 @@ from rfsr_ray.models import build_model
 from rfsr_ray.models.diffusion import checked_timesteps, timesteps_problem
 from rfsr_ray.models.sd_components import load_scheduler
 from rfsr_ray.models.tiny import TinySRModel, build_unet
-from rfsr_ray.models.tiny_components import save_tiny_components
 from rfsr_ray.schedule import describe_timesteps
+from rfsr_ray.testing.tiny_components import save_tiny_components
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_CONFIG = REPO / "configs" / "finetune" / "controlnet_sr_rfsr.yaml"

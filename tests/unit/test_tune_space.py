@@ -8,7 +8,7 @@ import pytest
 
 from rfsr_ray.config import build_config, load_config
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.tune.objective import objective_parts
+from rfsr_ray.train.objective import objective_parts
 from rfsr_ray.tune.results import TrialRow, best_row, markdown_table, pareto_front
 from rfsr_ray.tune.space import param_space, trial_config, validate_sweep
 
@@ -24,8 +24,10 @@ BASE = {
 }
 
 
-def sweep(space: dict, **tune: object) -> object:
+def sweep(space: dict, val_objective: dict | None = None, **tune: object) -> object:
     tree = {**BASE, "tune": {"space": space, **tune}}
+    if val_objective is not None:
+        tree["train"] = {**BASE["train"], "val_objective": val_objective}
     return build_config(tree)
 
 
@@ -124,7 +126,7 @@ def test_param_space_maps_domains_to_tune():
 def test_objective_penalises_psnr_drop_beyond_tolerance_and_gram_beyond_bound():
     cfg = sweep(
         {"gram_weight": {"grid": [1.0]}},
-        objective={"psnr_tolerance": 0.5, "psnr_penalty": 0.1, "gram_bound": 0.01},
+        val_objective={"psnr_tolerance": 0.5, "psnr_penalty": 0.1, "gram_bound": 0.01},
     )
     metrics = {"val_reward_gmsd_gain": 0.02, "val_psnr_gain": -0.3, "val_gram_to_base": 0.005}
     assert objective_parts(cfg, metrics)["objective"] == pytest.approx(0.02)
@@ -132,11 +134,11 @@ def test_objective_penalises_psnr_drop_beyond_tolerance_and_gram_beyond_bound():
     parts = objective_parts(cfg, metrics)
     assert parts["objective"] == pytest.approx(0.02 - 0.1 * 1.0 - 1.0 * 2.0)
     assert (parts["reward_gain"], parts["psnr_change"]) == (0.02, -1.5)
-    other = sweep({"gram_weight": {"grid": [1.0]}}, objective={"reward": "ssim"})
+    other = sweep({"gram_weight": {"grid": [1.0]}}, val_objective={"reward": "ssim"})
     assert objective_parts(other, {"val_reward_ssim_gain": 0.4})["objective"] == 0.4
     assert math.isnan(objective_parts(other, {})["objective"])
     with pytest.raises(ConfigError, match="not a reward term"):
-        validate_sweep(sweep({"gram_weight": {"grid": [1.0]}}, objective={"reward": "musiq"}))
+        validate_sweep(sweep({"gram_weight": {"grid": [1.0]}}, val_objective={"reward": "musiq"}))
 
 
 def row(trial_id: str, gain: float, psnr: float, objective: float, **extra: object) -> TrialRow:

@@ -64,12 +64,12 @@ def test_vgg_is_found_in_torch_home_and_loaded(tmp_path, monkeypatch):
 def test_require_weights_lists_every_missing_weight_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from rfsr_ray.eval import metrics
+    import pyiqa
 
-    def offline(name, device="cpu"):
+    def offline(name, *args, **kwargs):
         raise OSError(f"no weights for {name} offline")
 
-    monkeypatch.setattr(metrics, "create", offline)
+    monkeypatch.setattr(pyiqa, "create_metric", offline)
     cfg = build_config({**CFG, "model": {"pretrained": str(tmp_path / "no_model")}})
     with pytest.raises(WeightsError) as error:
         require_weights(cfg, where="rank 0")
@@ -123,7 +123,7 @@ def test_hub_id_of_a_latent_family_resolves_from_a_staged_cache_offline(tmp_path
     from huggingface_hub import constants
 
     from rfsr_ray.models import build_model
-    from rfsr_ray.models.tiny_components import save_tiny_components
+    from rfsr_ray.testing.tiny_components import save_tiny_components
 
     cache = tmp_path / "huggingface" / "hub"
     repo, commit = cache / "models--acme--tiny-upscaler", "0123456789abcdef" * 2 + "01234567"

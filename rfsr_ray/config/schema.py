@@ -1,4 +1,4 @@
-"""One typed, frozen config schema for every pipeline.
+"""The one typed, frozen config schema of every pipeline (loading lives in `rfsr_ray.config.load`).
 
 Unknown keys, wrong types and out-of-range values are rejected before any work starts with a
 `ConfigError` naming the key, the bad value and the allowed form. YAML files hold any subset of the
@@ -7,9 +7,8 @@ schema; `key.sub=value` overrides are applied on top (values parsed as YAML: `[3
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,12 +18,65 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from rfsr_ray.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_HELD_OUT",
+    "DEFAULT_HUB_IDS",
+    "DEGRADATION_PRESETS",
+    "DOMAIN_KINDS",
+    "FINETUNE_CHOICES",
+    "ControlNetSRConfig",
+    "DataConfig",
+    "DegradationConfig",
+    "DomainConfig",
+    "EvalConfig",
+    "EvalModelConfig",
+    "FloatRange",
+    "GramLossConfig",
+    "HackingMonitorConfig",
+    "HubOrLocalPath",
+    "InferConfig",
+    "IntRange",
+    "KernelType",
+    "LoRAConfig",
+    "LocalPath",
+    "LossesConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "ModelSource",
+    "Name",
+    "Number",
+    "OptionalLocalPath",
+    "OutputConfig",
+    "PathField",
+    "PrepareConfig",
+    "Probabilities",
+    "PromptConfig",
+    "RFSRConfig",
+    "ResizeMode",
+    "RewardConfig",
+    "RewardLossConfig",
+    "SDUpscalerConfig",
+    "ScheduleConfig",
+    "SchedulerConfig",
+    "SearchSpaceConfig",
+    "SourceConfig",
+    "SplitConfig",
+    "StrictModel",
+    "StructureLossConfig",
+    "TestSetConfig",
+    "TinyModelConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "ValObjectiveConfig",
+    "Window",
+]
 
 
 def _ascending(value: tuple[float, float]) -> tuple[float, float]:
@@ -48,6 +100,22 @@ KernelType = Literal[
 ResizeMode = Literal["area", "bilinear", "bicubic"]
 
 
+@dataclass(frozen=True)
+class PathField:
+    """Marks a string field naming a file or folder, made absolute before the config reaches Ray
+    workers (which run in other directories) by `rfsr_ray.config.load.with_absolute_paths`.
+    kind: `local` always a path; `hub_or_local` a path, or a Hugging Face hub id kept as is;
+    `model` like `hub_or_local`, but always a path for the `tiny` family (it loads folders)."""
+
+    kind: Literal["local", "hub_or_local", "model"] = "local"
+
+
+LocalPath = Annotated[str, PathField()]
+OptionalLocalPath = Annotated[str | None, PathField()]
+HubOrLocalPath = Annotated[str | None, PathField("hub_or_local")]
+ModelSource = Annotated[str | None, PathField("model")]
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -61,7 +129,7 @@ class SourceConfig(StrictModel):
     """
 
     kind: Literal["folder", "parquet", "builtin"]
-    path: str | None = None
+    path: OptionalLocalPath = None
     names: tuple[str, ...] | None = None
     image_column: str = "image"
     id_column: str | None = None
@@ -113,7 +181,7 @@ class DataConfig(StrictModel):
     concurrency: int | None = Field(None, ge=1, description="max parallel degradation tasks")
     shuffle: bool = True
     val_source: SourceConfig | None = None
-    val_pairs: str | None = Field(None, description="Parquet pair set for validation")
+    val_pairs: OptionalLocalPath = Field(None, description="Parquet pair set for validation")
     val_size: int = Field(4, ge=1)
 
     @model_validator(mode="after")
@@ -305,7 +373,7 @@ class SDUpscalerConfig(StrictModel):
 
 
 class ControlNetSRConfig(StrictModel):
-    controlnet: str | None = Field(
+    controlnet: HubOrLocalPath = Field(
         None,
         description="hub id or folder of the ControlNet; None = controlnet/ in model.pretrained",
     )
@@ -332,12 +400,12 @@ DEFAULT_HUB_IDS = {"sd_upscaler": "stabilityai/stable-diffusion-x4-upscaler"}
 
 class ModelConfig(StrictModel):
     family: Literal["tiny", "sd_upscaler", "controlnet_sr"] = "tiny"
-    pretrained: str | None = Field(
+    pretrained: ModelSource = Field(
         None,
         description="folder of a saved model, or (latent families) a Hugging Face hub id",
     )
     revision: str | None = Field(None, description="hub revision of `pretrained`")
-    pretrain_config: str | None = Field(
+    pretrain_config: OptionalLocalPath = Field(
         None,
         description="if `pretrained` does not exist yet, make it with pipelines/pretrain.py "
         "and this config (first use), then reuse it",
@@ -432,12 +500,12 @@ class RewardConfig(StrictModel):
     min_size: int | None = Field(
         None, ge=8, description="upsample smaller images to this side first (e.g. 224, MANIQA)"
     )
-    weights: str | None = Field(
+    weights: HubOrLocalPath = Field(
         None,
         description="imagereward: ImageReward.pt, or a folder / hub id holding it "
         "(default THUDM/ImageReward)",
     )
-    tokenizer: str | None = Field(
+    tokenizer: HubOrLocalPath = Field(
         None, description="imagereward: folder or hub id of its tokenizer (bert-base-uncased)"
     )
     prompt: str = Field(
@@ -490,7 +558,7 @@ class GramLossConfig(StrictModel):
         description="kl: softmax temperature, in units of a Gram row's standard deviation (rows "
         "are standardised first; lower sharpens toward each channel's strongest co-activations)",
     )
-    vgg_weights: str | None = Field(None, description="path to torchvision vgg19 state dict")
+    vgg_weights: OptionalLocalPath = Field(None, description="path to torchvision vgg19 state dict")
     allow_random_vgg: bool = False
 
 
@@ -537,18 +605,41 @@ class SplitConfig(StrictModel):
         return self
 
 
+NonNegative = Annotated[float, Field(ge=0)]
+
+
 class ScheduleConfig(StrictModel):
     num_inference_steps: int = Field(50, ge=2, le=1000)
     mode: Literal["trajectory", "one_step"] = "trajectory"
     split: SplitConfig | None = None
-    window_weights: dict[Literal["structure", "reward", "gram"], float] = Field(
-        default_factory=dict, description="per-index sampling weight of each window (default 1)"
+    window_weights: dict[Literal["structure", "reward", "gram"], Annotated[float, Field(ge=0)]] = (
+        Field(
+            default_factory=dict, description="per-index sampling weight of each window (default 1)"
+        )
     )
 
 
 # ---------------------------------------------------------------------------------------- train
+class ValObjectiveConfig(StrictModel):
+    """The validation objective (maximised; the one thing called "objective"), reported as
+    `val_objective` at every validation and ranked by sweeps:
+    reward_gain − psnr_penalty·max(0, −ΔPSNR − psnr_tolerance)
+                − gram_penalty·max(0, gram_to_base / gram_bound − 1)  (with a bound).
+    reward_gain is the held-out gain of `reward` (default: the first reward term) over the
+    base model."""
+
+    reward: str | None = Field(None, description="reward term name; default the first term")
+    psnr_tolerance: float = Field(0.5, ge=0, description="dB of PSNR drop allowed for free")
+    psnr_penalty: float = Field(1.0, ge=0, description="objective units per dB beyond tolerance")
+    gram_bound: float | None = Field(None, gt=0, description="Gram distance to the base allowed")
+    gram_penalty: float = Field(1.0, ge=0, description="per unit of relative excess")
+
+
 class TrainConfig(StrictModel):
-    objective: Literal["rfsr", "denoise"] = "rfsr"
+    loss: Literal["rfsr", "denoise"] = Field(
+        "rfsr",
+        description="rfsr: fine-tune with the RFSR losses; denoise: pretrain (noise regression)",
+    )
     steps: int = Field(15000, ge=1, description="optimiser steps")
     batch_size: int = Field(1, ge=1, description="per worker")
     grad_accum: int = Field(2, ge=1)
@@ -582,6 +673,7 @@ class TrainConfig(StrictModel):
     max_nonfinite_steps: int = Field(10, ge=1)
     validate_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
+    val_objective: ValObjectiveConfig = ValObjectiveConfig()
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -675,20 +767,6 @@ class SearchSpaceConfig(StrictModel):
         return named
 
 
-class ObjectiveConfig(StrictModel):
-    """Validation objective (maximised), reported as `val_objective` at every validation:
-    reward_gain − psnr_penalty·max(0, −ΔPSNR − psnr_tolerance)
-                − gram_penalty·max(0, gram_to_base / gram_bound − 1)  (with a bound).
-    reward_gain is the held-out gain of `reward` (default: the first reward term) over the
-    base model."""
-
-    reward: str | None = Field(None, description="reward term name; default the first term")
-    psnr_tolerance: float = Field(0.5, ge=0, description="dB of PSNR drop allowed for free")
-    psnr_penalty: float = Field(1.0, ge=0, description="objective units per dB beyond tolerance")
-    gram_bound: float | None = Field(None, gt=0, description="Gram distance to the base allowed")
-    gram_penalty: float = Field(1.0, ge=0, description="per unit of relative excess")
-
-
 class SchedulerConfig(StrictModel):
     kind: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="steps before a trial can be stopped")
@@ -700,7 +778,7 @@ class TuneConfig(StrictModel):
     """pipelines/tune.py. Re-running with the same `name` and `storage_path` resumes the sweep."""
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: str = "outputs/tune"
+    storage_path: LocalPath = "outputs/tune"
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1, description="grid: repeats; random/optuna: trials")
     max_concurrent_trials: int = Field(1, ge=1)
@@ -709,7 +787,6 @@ class TuneConfig(StrictModel):
         0.25, gt=0, description="CPUs of each trial's driver (its TorchTrainer workers hold theirs)"
     )
     space: SearchSpaceConfig = SearchSpaceConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 
 
@@ -719,7 +796,7 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
 
 class EvalModelConfig(StrictModel):
     name: Name
-    path: str = Field(description="exported model folder or training checkpoint folder")
+    path: LocalPath = Field(description="exported model folder or training checkpoint folder")
 
 
 class TestSetConfig(StrictModel):
@@ -730,9 +807,9 @@ class TestSetConfig(StrictModel):
 
     name: Name
     kind: Literal["paired", "parquet", "synthetic", "lr_only"]
-    lr: str | None = Field(None, description="LR folder (paired, lr_only)")
-    hr: str | None = Field(None, description="HR folder (paired)")
-    path: str | None = Field(None, description="pair set folder (parquet)")
+    lr: OptionalLocalPath = Field(None, description="LR folder (paired, lr_only)")
+    hr: OptionalLocalPath = Field(None, description="HR folder (paired)")
+    path: OptionalLocalPath = Field(None, description="pair set folder (parquet)")
     source: SourceConfig | None = Field(None, description="HR source (synthetic)")
     degradation: Literal["bicubic", "mild", "realesrgan_x4plus"] = "bicubic"
     crop: int | None = Field(None, ge=8, description="synthetic: centre-crop HR to this side")
@@ -757,7 +834,7 @@ class EvalConfig(StrictModel):
     """pipelines/evaluate.py: models × test sets → metrics, tables, report, MLflow run."""
 
     name: Name = "eval"
-    output: str = "outputs/eval"
+    output: LocalPath = "outputs/eval"
     models: tuple[EvalModelConfig, ...] = ()
     baseline: str | None = Field(None, description="model the deltas are against (first)")
     test_sets: tuple[TestSetConfig, ...] = ()
@@ -802,13 +879,20 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
 
 
-class OutputConfig(StrictModel):
-    dir: str = "outputs/pairs"
+class PrepareConfig(StrictModel):
+    """pipelines/prepare_data.py: where the Parquet pair set goes."""
+
+    dir: LocalPath = "outputs/pairs"
     overwrite: bool = False
     preview_rows: int = Field(6, ge=0)
     row_group_size: int = Field(256, ge=1)
+
+
+class OutputConfig(StrictModel):
+    """Training runs (finetune.py, pretrain.py): the run's name and where Ray Train stores it."""
+
     run_name: str = "rfsr"
-    storage_path: str = "outputs/ray_results"
+    storage_path: LocalPath = "outputs/ray_results"
     allow_config_change: bool = Field(
         False,
         description="resume run_name even though training-relevant keys changed (the CLI's "
@@ -819,9 +903,9 @@ class OutputConfig(StrictModel):
 class InferConfig(StrictModel):
     """pipelines/upscale.py: super-resolve a folder with an exported model or a checkpoint."""
 
-    model: str | None = Field(None, description="exported model folder or checkpoint folder")
-    input: str | None = Field(None, description="folder of LR images (recursive)")
-    output: str = "outputs/upscaled"
+    model: OptionalLocalPath = Field(None, description="exported model folder or checkpoint folder")
+    input: OptionalLocalPath = Field(None, description="folder of LR images (recursive)")
+    output: LocalPath = "outputs/upscaled"
     num_inference_steps: int | None = Field(None, ge=1, description="default: the model's run")
     seed: int = Field(0, ge=0)
 
@@ -835,22 +919,38 @@ class RFSRConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+    prepare: PrepareConfig = PrepareConfig()
     infer: InferConfig = InferConfig()
     tune: TuneConfig = TuneConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _windows_inside_schedule(self) -> RFSRConfig:
+        # The one place loss windows are validated; `rfsr_ray.schedule` trusts the result.
         steps = self.schedule.num_inference_steps
-        if self.train.objective != "rfsr":
+        split = self.schedule.split
+        if split is not None and split.reward_start >= steps:
+            raise ValueError(
+                f"schedule.split.reward_start={split.reward_start} must be < "
+                f"schedule.num_inference_steps={steps}"
+            )
+        if self.train.loss != "rfsr":
             return self  # the loss windows only matter to RFSR fine-tuning
-        for name in ("structure", "reward", "gram"):
-            low, high = getattr(self.losses, name).window
-            if self.schedule.split is None and not 0 <= low <= high < steps:
+        windows = self.loss_windows()
+        for name, (low, high) in windows.items():
+            if not 0 <= low <= high < steps:
                 raise ValueError(
                     f"losses.{name}.window=[{low}, {high}] must lie inside [0, {steps - 1}] "
                     f"(schedule.num_inference_steps={steps}), e.g. [0, {steps // 2}]"
                 )
+        if not windows:
+            raise ValueError(
+                "no RFSR loss is enabled; enable at least one of losses.structure / "
+                "losses.reward / losses.gram (or use train.loss=denoise)"
+            )
+        weights = self.schedule.window_weights
+        if all(weights.get(name, 1.0) == 0 for name in windows):
+            raise ValueError(f"schedule.window_weights={weights} leave no index to sample; use > 0")
         monitor = self.losses.monitor
         optimised = {term.name for term in self.losses.reward.terms}
         explicit = monitor.held_out if monitor.enabled and monitor.held_out else ()
@@ -860,19 +960,30 @@ class RFSRConfig(StrictModel):
                 f"losses.monitor.held_out={list(monitor.held_out)} includes {overlap}, which "
                 "losses.reward.terms optimises; a hacking monitor needs metrics nobody optimises"
             )
-        split = self.schedule.split
-        if split is not None and split.reward_start >= steps:
-            raise ValueError(
-                f"schedule.split.reward_start={split.reward_start} must be < "
-                f"schedule.num_inference_steps={steps}"
-            )
         return self
+
+    def loss_windows(self) -> dict[str, tuple[int, int]]:
+        """{loss name: inclusive index window} of the enabled RFSR losses; the `split`
+        shorthand wins over the per-loss windows."""
+        steps, split = self.schedule.num_inference_steps, self.schedule.split
+        windows = {}
+        for name in ("structure", "reward", "gram"):
+            loss = getattr(self.losses, name)
+            if not loss.enabled:
+                continue
+            if split is None:
+                windows[name] = (int(loss.window[0]), int(loss.window[1]))
+            elif name == "structure":
+                windows[name] = (0, split.structure_end)
+            else:
+                windows[name] = (split.reward_start, steps - 1)
+        return windows
 
     def held_out_metrics(self) -> tuple[str, ...]:
         """The reward-hacking monitor's metrics: as configured, else the default list without
         any metric a reward term optimises; () when the monitor is off."""
         monitor = self.losses.monitor
-        if not monitor.enabled or self.train.objective != "rfsr":
+        if not monitor.enabled or self.train.loss != "rfsr":
             return ()
         if monitor.held_out is not None:
             return monitor.held_out
@@ -891,137 +1002,3 @@ class RFSRConfig(StrictModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
         return path
-
-
-# ---------------------------------------------------------------------------------------- loading
-def _parse_value(text: str) -> Any:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one `a.b.c=value` override to a nested dict in place (list items by index)."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(
-            f"override {override!r} must look like key.sub=value, e.g. train.steps=100"
-        )
-    node: Any = tree
-    parts = key.strip().split(".")
-    for position, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            node = node[_list_index(node, part, key)]
-            continue
-        child = node.get(part)
-        if part.isdigit() or (parts[position + 1].isdigit() and not isinstance(child, list)):
-            list_key = ".".join(parts[: position + 1 + (not part.isdigit())])
-            raise ConfigError(
-                f"override {key!r}: {list_key} is not a list in the config file, so an item "
-                f"cannot be set by index; give the whole list, e.g. "
-                f"{list_key}=[{{name: gmsd, weight: 0.1}}]"
-            )
-        if not isinstance(child, (dict, list)):
-            child = node[part] = {}
-        node = child
-    if isinstance(node, list):
-        node[_list_index(node, parts[-1], key)] = _parse_value(text)
-    else:
-        node[parts[-1]] = _parse_value(text)
-
-
-def _list_index(items: list[Any], part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(
-            f"override key {key!r}: {part!r} is not an index of a {len(items)}-item list"
-        )
-    return int(part)
-
-
-def _format_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
-        bad = json.dumps(item.get("input"), default=str)
-        if len(bad) > 80:
-            bad = bad[:77] + "..."
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling against `--print-config`"
-        lines.append(f"  {loc}={bad}: {msg}" if loc else f"  {msg}")
-    return "invalid config:\n" + "\n".join(lines)
-
-
-def _absolute(path: str | None) -> str | None:
-    if path is None or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
-def _model_source(value: str | None, family: str) -> str | None:
-    """Folders made absolute; Hugging Face hub ids (`owner/name`, latent families) kept."""
-    if value is None or family == "tiny":
-        return _absolute(value)
-    from rfsr_ray.models.hub import looks_local
-
-    return _absolute(value) if looks_local(value) else value
-
-
-def with_absolute_paths(cfg: RFSRConfig) -> RFSRConfig:
-    """Local paths made absolute: Ray workers run in other working directories."""
-    tree = cfg.to_dict()
-    for source in [*tree["data"]["sources"], tree["data"]["val_source"]]:
-        if source is not None:
-            source["path"] = _absolute(source["path"])
-    tree["data"]["val_pairs"] = _absolute(tree["data"]["val_pairs"])
-    tree["model"]["pretrained"] = _model_source(tree["model"]["pretrained"], cfg.model.family)
-    controlnet = tree["model"]["controlnet_sr"]
-    controlnet["controlnet"] = _model_source(controlnet["controlnet"], "controlnet_sr")
-    tree["losses"]["gram"]["vgg_weights"] = _absolute(tree["losses"]["gram"]["vgg_weights"])
-    tree["output"]["dir"] = _absolute(tree["output"]["dir"])
-    tree["output"]["storage_path"] = _absolute(tree["output"]["storage_path"])
-    for key in ("model", "input", "output"):
-        tree["infer"][key] = _absolute(tree["infer"][key])
-    tree["tune"]["storage_path"] = _absolute(tree["tune"]["storage_path"])
-    tree["eval"]["output"] = _absolute(tree["eval"]["output"])
-    for model in tree["eval"]["models"]:
-        model["path"] = _absolute(model["path"])
-    for test_set in tree["eval"]["test_sets"]:
-        for key in ("lr", "hr", "path"):
-            test_set[key] = _absolute(test_set[key])
-        if test_set["source"] is not None:
-            test_set["source"]["path"] = _absolute(test_set["source"]["path"])
-    return build_config(tree)
-
-
-def build_config(tree: Mapping[str, Any] | None = None) -> RFSRConfig:
-    """Validate a nested dict into an `RFSRConfig`, raising `ConfigError` with every problem."""
-    try:
-        return RFSRConfig.model_validate(dict(tree or {}))
-    except ValidationError as error:
-        raise ConfigError(_format_error(error)) from None
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RFSRConfig:
-    """Read a YAML file (or only defaults when `path` is None) and apply overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; pass --config configs/…yaml"
-            )
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        tree = copy.deepcopy(loaded)
-    for override in overrides:
-        apply_override(tree, override)
-    return build_config(tree)

@@ -15,17 +15,17 @@ from rfsr_ray.errors import ConfigError
 def objective_reward(cfg: RFSRConfig) -> str:
     """The reward term whose held-out gain is maximised."""
     names = [term.name for term in cfg.losses.reward.terms]
-    wanted = cfg.tune.objective.reward
+    wanted = cfg.train.val_objective.reward
     if wanted is None:
         if not names:
             raise ConfigError(
                 "the sweep objective needs a reward: losses.reward.terms is empty; add a term "
-                "or set tune.objective.reward"
+                "or set train.val_objective.reward"
             )
         return names[0]
     if wanted not in names:
         raise ConfigError(
-            f"tune.objective.reward={wanted!r} is not a reward term; choose one of {names}"
+            f"train.val_objective.reward={wanted!r} is not a reward term; choose one of {names}"
         )
     return wanted
 
@@ -36,7 +36,7 @@ def objective_parts(cfg: RFSRConfig, metrics: dict[str, float]) -> dict[str, flo
     A missing metric (a trial without a Gram term has no distance) counts as no penalty; a
     missing reward gain makes the objective NaN, which Tune ranks last.
     """
-    settings = cfg.tune.objective
+    settings = cfg.train.val_objective
     reward_gain = metrics.get(f"val_reward_{objective_reward(cfg)}_gain", math.nan)
     psnr_change = metrics.get("val_psnr_gain", 0.0)
     gram_distance = metrics.get("val_gram_to_base", math.nan)

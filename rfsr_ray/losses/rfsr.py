@@ -22,7 +22,7 @@ class RFSRLosses(nn.Module):
         super().__init__()
         losses = cfg.losses
         self.cfg = losses
-        self.windows: LossWindows = resolve_windows(losses, cfg.schedule)
+        self.windows: LossWindows = resolve_windows(cfg)
         self.structure = (
             StructureLoss(losses.structure) if "structure" in self.windows.windows else None
         )

@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow, which nothing else in the library imports."""
