@@ -121,7 +121,8 @@ def why_missing(need: WeightNeed, cfg: RFSRConfig) -> str | None:
     except WeightsError as error:
         reason = str(error).removeprefix(f"pyiqa metric {need.name!r} ")
         return (
-            f"pyiqa metric {need.name} does not build offline: {reason}. Stage it with pipelines/weights.py download and point $TORCH_HOME / "
+            f"pyiqa metric {need.name} does not build offline: {reason}. Stage it with "
+            "pipelines/weights.py download and point $TORCH_HOME / "
             "$HF_HOME at the staged folder"
         )
     return None

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from rfsr_ray import seeds
 from rfsr_ray.config import DataConfig, DegradationConfig
 from rfsr_ray.data.decode import decode_image
 from rfsr_ray.data.degradations import degrade
@@ -35,8 +36,7 @@ def sample_rng(
     """
     digest = hashlib.sha256(source_id.encode()).digest()
     words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
-    entropy = [seed, *words, crop_index, epoch, stream]
-    return np.random.default_rng(np.random.SeedSequence(entropy))
+    return seeds.numpy_rng(seed, "data", *words, crop_index, epoch, stream)
 
 
 def num_crops(data: DataConfig, weight: float, source_id: str, epoch: int) -> int:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rfsr_ray import seeds
 from rfsr_ray.errors import WeightsError
 from rfsr_ray.losses.reward_protocol import RewardInfo
 
@@ -235,7 +236,7 @@ class ImageReward(nn.Module):
         the reward's own seeded stream."""
         texts = list(prompt) if prompt is not None else [self.prompt] * batch_size
         if self.drop_prob > 0:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+            generator = seeds.torch_generator(self.seed, "reward.imagereward", self.calls)
             draws = torch.rand(batch_size, generator=generator).tolist()
             texts = ["" if d < self.drop_prob else t for d, t in zip(draws, texts, strict=True)]
         self.calls += 1

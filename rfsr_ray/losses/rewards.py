@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rfsr_ray import iqa
+from rfsr_ray import iqa, seeds
 from rfsr_ray.config import RewardConfig
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.losses.reward_protocol import Reward, RewardInfo
@@ -59,7 +59,7 @@ class PyiqaReward(nn.Module):
         images = [self._fit(x.float()) for x in ((sr, hr) if self.info.needs_hr else (sr,))]
         devices = [sr.device] if sr.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            torch.manual_seed(seeds.derive_seed(self.seed, f"reward.{self.info.name}", self.calls))
             self.calls += 1
             score = self.metric(*images)
         score = self.sign * score.reshape(sr.shape[0], -1).mean(dim=1).float()

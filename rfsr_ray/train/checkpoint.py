@@ -19,8 +19,8 @@ can land on storage before the weights do: completeness is checked against the s
 A rerun of a run name continues its newest checkpoint only when the training-relevant config is
 unchanged (`config_changes`). These keys may change on resume (`RESUMABLE_KEYS`): how long to
 train and how often to validate, checkpoint and log; how many workers and which resources; the
-data stage's parallelism; tracking, the validation objective's weighting, and the sections other pipelines read (output,
-prepare, eval, infer, tune).
+data stage's parallelism; tracking, the validation objective's weighting, and the sections other
+pipelines read (output, prepare, eval, infer, tune).
 """
 
 from __future__ import annotations

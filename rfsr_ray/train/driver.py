@@ -16,6 +16,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
+from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.data.parquet import read_pair_dataset
 from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_empty
@@ -123,7 +124,8 @@ def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
         rows = read_pair_dataset(cfg.data.val_pairs).take(cfg.data.val_size)
     elif cfg.data.val_source is not None:
         # Held-out pairs from another seed, so they never coincide with training crops.
-        data = cfg.data.model_copy(update={"seed": cfg.data.seed + 7919, "pad_small": True})
+        val_seed = seeds.derive_seed(cfg.data.seed, "val_data")
+        data = cfg.data.model_copy(update={"seed": val_seed, "pad_small": True})
         pipeline = build_pair_dataset(data, cfg.degradation, sources=(cfg.data.val_source,))
         rows = pipeline.dataset.take(cfg.data.val_size)
     else:

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import socket
 import tempfile
 import time
@@ -26,6 +25,7 @@ import ray.train.torch
 import torch
 from PIL import Image
 
+from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.images import to_tensor
 from rfsr_ray.models import build_model
@@ -80,12 +80,6 @@ class Timing:
     def reset(self) -> None:
         self.data_seconds = self.total_seconds = 0.0
         self.samples = 0
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
 
 
 def _batches(
@@ -222,8 +216,8 @@ def _restore(
         return progress
     restored = load_checkpoint(Path(folder), state)
     if rank != 0:  # the checkpoint holds rank 0's generators; other ranks draw their own
-        state.index_rng = np.random.default_rng([cfg.train.seed, rank, restored.step])
-        state.generator.manual_seed(cfg.train.seed * 1_000_003 + rank + restored.step)
+        state.index_rng = seeds.numpy_rng(cfg.train.seed, "index", rank, restored.step)
+        state.generator.manual_seed(seeds.derive_seed(cfg.train.seed, "noise", rank, restored.step))
     log.info(
         "rank %d resumed at step %d from %s (after data epoch %d)",
         rank,
@@ -283,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Nodes can differ in what they have staged: check this one before the model or data start.
     require_weights(cfg, where=f"rank {rank} ({socket.gethostname()})")
     device = ray.train.torch.get_device()
-    seed_everything(cfg.train.seed, rank)
+    seeds.seed_globals(cfg.train.seed, rank)
     model = build_model(cfg.model, cfg.data.scale)
     model.to(device)
     state = build_state(cfg, model, device, rank)

@@ -16,6 +16,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig, TrainConfig
 from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.losses.rfsr import RFSRLosses
@@ -331,9 +332,9 @@ def build_state(
     optimizer, lr_scheduler = build_optimizer(params, cfg.train)
     ema = build_ema(params, cfg.train)
     ema.to(device)  # a CPUShadowEMA stays on the CPU
-    # Each rank draws its own indices and noise; the pair (seed, rank) makes a run reproducible.
-    index_rng = np.random.default_rng([cfg.train.seed, rank])
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+    # Each rank draws its own indices and noise; (seed, rank) makes a run reproducible.
+    index_rng = seeds.numpy_rng(cfg.train.seed, "index", rank)
+    generator = seeds.torch_generator(cfg.train.seed, "noise", rank, device=device)
     # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = None
     if cfg.train.mixed_precision == "fp16" and device.type == "cuda":

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.images import image_grid, to_tensor, to_uint8
 from rfsr_ray.iqa import create_metric
@@ -60,7 +61,7 @@ class Validator:
 
     def _sample(self, model: ISRDiffusionModel, reference: bool) -> torch.Tensor:
         # A fixed seed: every validation sees the same x_T, so changes come from the weights.
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
+        generator = seeds.torch_generator(self.cfg.train.seed, "validation", device=self.device)
         outputs = []
         for start in range(0, len(self.lr), 4):
             outputs.append(

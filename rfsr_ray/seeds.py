@@ -1,0 +1,52 @@
+"""Every random stream of a run, derived by name from one seed.
+
+`np.random.SeedSequence(seed, spawn_key=(stream id, *keys))` gives statistically independent
+streams: no stream is another plus an offset, and two streams never collide. Streams used:
+
+- `data`: degradations and crops of one training pair (keys: source hash words, crop, epoch, use)
+- `val_data`: the held-out validation pairs made from `data.val_source`
+- `index`: the sampler index each training sample gets (keys: rank[, resume step])
+- `noise`: x_T and the sampler's noise in training (keys: rank[, resume step])
+- `validation`: x_T of every validation sample, the same at each validation
+- `reward.<name>`: random crops or prompt dropout inside a reward (keys: call number)
+- `init`: weights initialised from config, the same on every rank
+- `python`, `numpy`: the global generators, for library code that draws from them (per rank)
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import numpy as np
+import torch
+
+
+def seed_sequence(seed: int, stream: str, *keys: int) -> np.random.SeedSequence:
+    """The `SeedSequence` of `stream` (a name, e.g. "noise") under keys (e.g. the rank)."""
+    return np.random.SeedSequence(seed, spawn_key=(zlib.crc32(stream.encode()), *keys))
+
+
+def numpy_rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(seed_sequence(seed, stream, *keys))
+
+
+def derive_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 63-bit integer seed for APIs that take one (torch, `DataConfig.seed`)."""
+    state = seed_sequence(seed, stream, *keys).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def torch_generator(
+    seed: int, stream: str, *keys: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream, *keys))
+
+
+def seed_globals(seed: int, rank: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators, for library code that draws from
+    them (our own streams never do). torch's is the same on every rank, so weights initialised
+    from config agree before DDP broadcasts rank 0's."""
+    random.seed(derive_seed(seed, "python", rank))
+    np.random.seed(derive_seed(seed, "numpy", rank) % 2**32)
+    torch.manual_seed(derive_seed(seed, "init"))
