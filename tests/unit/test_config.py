@@ -88,3 +88,100 @@ def test_missing_config_file():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.model.family in ("tiny", "sd_upscaler", "controlnet_sr")
+
+
+def test_renamed_keys_name_their_new_place():
+    with pytest.raises(ConfigError) as error:
+        build_config(
+            {"train": {"objective": "rfsr"}, "tune": {"objective": {}}, "output": {"dir": "x"}}
+        )
+    text = str(error.value)
+    assert "train.objective was renamed train.loss" in text
+    assert "tune.objective was renamed train.val_objective" in text
+    assert "output.dir was renamed prepare.dir" in text
+
+
+def _string_fields(model: type, prefix: str = ""):
+    """(dotted name, FieldInfo, annotation) of every field of the schema, recursively."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,)]
+        models = [a for a in nested if isinstance(a, type) and issubclass(a, BaseModel)]
+        for sub in models:
+            yield from _string_fields(sub, f"{key}.")
+        if not models:
+            yield key, field
+
+
+def test_every_path_like_field_is_typed_as_a_path():
+    """A new field that names a file or folder must be typed `LocalPath` (or one of its kin), or
+    it stays relative on Ray workers, which run in other directories."""
+    from rfsr_ray.config import PathField, RFSRConfig
+
+    words = ("folder", "path", "file", "dir", "checkpoint", ".pt")
+    unmarked = []
+    marked = []
+    for key, field in _string_fields(RFSRConfig):
+        is_marked = any(isinstance(m, PathField) for m in field.metadata)
+        marked += [key] if is_marked else []
+        leaf = key.rsplit(".", 1)[-1]
+        text = f"{leaf} {field.description or ''}".lower()
+        if leaf.endswith(("_extension", "_column")):  # names inside files, not paths
+            continue
+        if not is_marked and "str" in str(field.annotation) and any(w in text for w in words):
+            unmarked.append(key)
+    assert unmarked == [], f"type these as LocalPath / HubOrLocalPath / ModelSource: {unmarked}"
+    assert len(marked) >= 20  # every known path field is found by the walk
+
+
+def test_relative_paths_become_absolute_and_hub_ids_stay(tmp_path, monkeypatch):
+    from rfsr_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "ImageReward.pt").touch()  # an existing relative file is a path
+    tree = {
+        "data": {"sources": ["rel/hr"], "val_pairs": "rel/val"},
+        "model": {"family": "sd_upscaler", "pretrained": "acme/upscaler"},
+        "losses": {
+            "reward": {
+                "terms": [
+                    {
+                        "name": "imagereward",
+                        "weights": "rel/ImageReward.pt",
+                        "tokenizer": "google-bert/bert-base-uncased",
+                    }
+                ]
+            },
+            "gram": {"vgg_weights": "rel/vgg19.pth"},
+        },
+        "output": {"storage_path": "rel/runs"},
+        "prepare": {"dir": "rel/pairs"},
+        "eval": {
+            "models": [{"name": "m", "path": "rel/model"}],
+            "test_sets": [{"name": "t", "kind": "paired", "lr": "rel/lr", "hr": "rel/hr"}],
+        },
+    }
+    cfg = with_absolute_paths(build_config(tree))
+    here = str(tmp_path)
+    for value in (
+        cfg.data.sources[0].path,
+        cfg.data.val_pairs,
+        cfg.losses.reward.terms[0].weights,
+        cfg.losses.gram.vgg_weights,
+        cfg.output.storage_path,
+        cfg.prepare.dir,
+        cfg.eval.models[0].path,
+        cfg.eval.test_sets[0].lr,
+        cfg.tune.storage_path,
+        cfg.infer.output,
+    ):
+        assert value.startswith(here + "/"), value
+    assert cfg.model.pretrained == "acme/upscaler"  # a hub id
+    assert cfg.losses.reward.terms[0].tokenizer == "google-bert/bert-base-uncased"
+    tiny = with_absolute_paths(build_config({"model": {"pretrained": "base/tiny_x4"}}))
+    assert tiny.model.pretrained == f"{here}/base/tiny_x4"  # the tiny family loads folders only
