@@ -223,7 +223,7 @@ def run_training(
             cfg,
             cfg.output.run_name,
             (previous.run_id if previous else None) or run_id,
-            tags={"objective": cfg.train.loss, **(tags or {})},
+            tags={"loss": cfg.train.loss, **(tags or {})},
         )
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
