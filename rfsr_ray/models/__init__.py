@@ -51,7 +51,7 @@ def _load_latent_export(path: Path, info: dict) -> ISRDiffusionModel:
     """A full export is a diffusers folder on its own; a LoRA export is adapters on the base
     model its config names."""
     from rfsr_ray.models.latent import full_export_config
-    from rfsr_ray.models.lora import ADAPTER, unwrap
+    from rfsr_ray.models.lora import ADAPTER
 
     cfg = ModelConfig.model_validate(info["model_config"])
     if info["format"] == "full":
@@ -59,9 +59,9 @@ def _load_latent_export(path: Path, info: dict) -> ISRDiffusionModel:
     model = build_model(cfg, int(info["scale"]), trainable=False)
     if (path / "pytorch_lora_weights.safetensors").is_file():
         weights = path / "pytorch_lora_weights.safetensors"
-        unwrap(model.unet).load_lora_adapter(str(weights), prefix="unet", adapter_name=ADAPTER)
+        model.unet.load_lora_adapter(str(weights), prefix="unet", adapter_name=ADAPTER)
     if (path / "controlnet_lora").is_dir():
-        unwrap(model.controlnet).load_lora_adapter(
+        model.controlnet.load_lora_adapter(
             str(path / "controlnet_lora"),
             weight_name="pytorch_lora_weights.safetensors",
             prefix=None,

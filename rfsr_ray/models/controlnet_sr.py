@@ -26,7 +26,7 @@ from rfsr_ray.config import ModelConfig
 from rfsr_ray.errors import WeightsError
 from rfsr_ray.hub import require_component, resolve
 from rfsr_ray.models.latent import LatentCondition, LatentSRModel, Mode
-from rfsr_ray.models.lora import ADAPTER, has_lora, lora_state_dict, merged_copy, unwrap
+from rfsr_ray.models.lora import ADAPTER, has_lora, lora_state_dict, merged_copy
 from rfsr_ray.models.sd_components import load_scheduler, load_text_parts, load_unet, load_vae
 
 CONTROLNET_LORA_DIR = "controlnet_lora"
@@ -118,7 +118,9 @@ class ControlNetSRModel(LatentSRModel):
         img2img pipeline at strength 1 starts from the LR latent noised to the first inference
         timestep, not T-1, so its x_T is slightly less noisy (√ᾱ 0.076 vs 0.068 for 50 steps
         of SD 2)."""
-        take = merged_copy if merged else unwrap
+        unet, controlnet = self.unet, self.controlnet
+        if merged:
+            unet, controlnet = merged_copy(unet), merged_copy(controlnet)
         pipeline_cls = (
             StableDiffusionControlNetPipeline
             if self.cfg.controlnet_sr.start == "noise"
@@ -128,8 +130,8 @@ class ControlNetSRModel(LatentSRModel):
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            unet=take(self.unet),
-            controlnet=take(self.controlnet),
+            unet=unet,
+            controlnet=controlnet,
             scheduler=self.scheduler,
             safety_checker=None,
             feature_extractor=None,
@@ -137,16 +139,14 @@ class ControlNetSRModel(LatentSRModel):
         )
 
     def save_lora(self, path: Path) -> None:
-        unet = unwrap(self.unet)
-        if has_lora(unet):
+        if has_lora(self.unet):
             StableDiffusionControlNetPipeline.save_lora_weights(
                 path,
-                unet_lora_layers=lora_state_dict(unet),
-                unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+                unet_lora_layers=lora_state_dict(self.unet),
+                unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict(),
             )
-        controlnet = unwrap(self.controlnet)
-        if has_lora(controlnet):
-            controlnet.save_lora_adapter(path / CONTROLNET_LORA_DIR, adapter_name=ADAPTER)
+        if has_lora(self.controlnet):
+            self.controlnet.save_lora_adapter(path / CONTROLNET_LORA_DIR, adapter_name=ADAPTER)
 
 
 def load_controlnet_sr(

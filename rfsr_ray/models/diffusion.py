@@ -1,13 +1,49 @@
-"""Parameterisation helpers shared by every diffusers-based family."""
+"""What every diffusers-based family shares: the sampling loop and the parameterisation."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
 from diffusers import SchedulerMixin
 
 from rfsr_ray.errors import ConfigError
+from rfsr_ray.models.protocol import ISRDiffusionModel
+
+SamplerStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) → x_{t-1}
+
+
+def run_sampler(step: SamplerStep, latent: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """`latent` after one `step(latent, timestep)` per entry of `timesteps` (noisiest first):
+    x_T → x_0 over the whole schedule, or x_T → the latent at sampler index i over
+    `timesteps[:i]`. The one sampling loop of the project."""
+    for timestep in timesteps:
+        latent = step(latent, timestep)
+    return latent
+
+
+@torch.no_grad()
+def sample_sr(
+    model: ISRDiffusionModel,
+    lr_image: torch.Tensor,
+    num_inference_steps: int,
+    generator: torch.Generator | None,
+    reference: bool,
+) -> torch.Tensor:
+    """Every family's `sample`: LR (B, 3, h, w) in [0, 1] → SR (B, 3, h·s, w·s) in [0, 1].
+
+    The order is the diffusers pipelines' (condition, timesteps, x_T, N steps, decode), so a
+    generator is drawn from in the same order and a family reproduces its pipeline.
+    """
+    condition = model.condition(lr_image, generator, mode="sample")
+    timesteps = model.set_timesteps(num_inference_steps)
+    latent = model.start_latent(condition, generator)
+    step = functools.partial(
+        model.sampler_step, condition=condition, generator=generator, reference=reference
+    )
+    return model.decode(run_sampler(step, latent, timesteps))
 
 
 def alpha_bar(

@@ -24,9 +24,15 @@ from torch import nn
 
 from rfsr_ray.config import ModelConfig, PromptConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.models.diffusion import checked_timesteps, denoise_target, x0_from_model_output
-from rfsr_ray.models.lora import adapters_disabled, add_lora, unwrap
+from rfsr_ray.models.diffusion import (
+    checked_timesteps,
+    denoise_target,
+    sample_sr,
+    x0_from_model_output,
+)
+from rfsr_ray.models.lora import adapters_disabled, add_lora
 from rfsr_ray.models.tiny import MODEL_INFO_FILE
+from rfsr_ray.models.wrapping import TrainableWrappers
 
 # train: RFSR training (prompt dropout, the training guidance); denoise: the standard objective
 # (prompt dropout, never guided); sample: validation and inference (guidance_scale).
@@ -113,7 +119,7 @@ class FrozenOriginal(nn.Module):
                     parameter.data = data
 
 
-class LatentSRModel(nn.Module):
+class LatentSRModel(TrainableWrappers, nn.Module):
     """Base of the latent families; implements `ISRDiffusionModel` with a family's hooks."""
 
     family: str = ""
@@ -311,16 +317,18 @@ class LatentSRModel(nn.Module):
     # ------------------------------------------------------------------ denoiser
     @contextlib.contextmanager
     def _denoisers(self, reference: bool) -> Iterator[tuple[nn.Module, nn.Module | None]]:
+        """(unet, controlnet) to call: the trained ones (through their DDP wrappers while
+        training), or the frozen original computed by the plain modules."""
         if not reference:
-            yield self.unet, self.controlnet
+            yield self.forward_module("unet"), self.forward_module("controlnet")
         elif self.cfg.finetune_mode == "lora":  # the original = adapters switched off
             with adapters_disabled(self.unet, self.controlnet):
-                yield unwrap(self.unet), _maybe_unwrap(self.controlnet)
+                yield self.unet, self.controlnet
         else:  # the trained tensors swapped for their frozen originals
             with contextlib.ExitStack() as stack:
                 for name, original in self.reference.items():
-                    stack.enter_context(original.swapped_into(unwrap(self.components()[name])))
-                yield unwrap(self.unet), _maybe_unwrap(self.controlnet)
+                    stack.enter_context(original.swapped_into(self.components()[name]))
+                yield self.unet, self.controlnet
 
     def model_output(
         self,
@@ -382,7 +390,6 @@ class LatentSRModel(nn.Module):
         posterior = self.vae.encode(image * 2 - 1).latent_dist
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def sample(
         self,
         lr_image: torch.Tensor,
@@ -390,12 +397,7 @@ class LatentSRModel(nn.Module):
         generator: torch.Generator | None = None,
         reference: bool = False,
     ) -> torch.Tensor:
-        condition = self.condition(lr_image, generator, mode="sample")
-        timesteps = self.set_timesteps(num_inference_steps)
-        latent = self.start_latent(condition, generator)
-        for timestep in timesteps:
-            latent = self.sampler_step(latent, timestep, condition, generator, reference)
-        return self.decode(latent)
+        return sample_sr(self, lr_image, num_inference_steps, generator, reference)
 
     def denoise_loss(
         self, hr_image: torch.Tensor, lr_image: torch.Tensor, generator: torch.Generator | None
@@ -476,10 +478,6 @@ class PromptTable(nn.Module):
                 "model.memory.free_text_encoder=false to use other prompts"
             )
         return self.embeds[[self.texts.index(text) for text in texts]]
-
-
-def _maybe_unwrap(module: nn.Module | None) -> nn.Module | None:
-    return None if module is None else unwrap(module)
 
 
 def _generator_device(generator: torch.Generator | None) -> str:

@@ -18,11 +18,6 @@ from rfsr_ray.errors import ConfigError
 ADAPTER = "rfsr"
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return getattr(module, "module", module)
-
-
 def add_lora(module: nn.Module, cfg: LoRAConfig, where: str) -> None:
     """Freeze `module` and inject trainable LoRA adapters into `cfg.target_modules`."""
     from peft import LoraConfig
@@ -48,13 +43,13 @@ def add_lora(module: nn.Module, cfg: LoRAConfig, where: str) -> None:
 
 
 def has_lora(module: nn.Module) -> bool:
-    return bool(getattr(unwrap(module), "_hf_peft_config_loaded", False))
+    return bool(getattr(module, "_hf_peft_config_loaded", False))
 
 
 @contextlib.contextmanager
 def adapters_disabled(*modules: nn.Module | None) -> Iterator[None]:
     """Run the original (pre-LoRA) weights of every module that has adapters."""
-    chosen = [unwrap(m) for m in modules if m is not None and has_lora(m)]
+    chosen = [m for m in modules if m is not None and has_lora(m)]
     for module in chosen:
         module.disable_adapters()
     try:
@@ -68,8 +63,8 @@ def merged_copy(module: nn.Module) -> nn.Module:
     """A plain module with the adapters folded into its weights (a copy: the original keeps
     its adapters); a module without adapters is returned as is."""
     if not has_lora(module):
-        return unwrap(module)
-    plain = copy.deepcopy(unwrap(module))
+        return module
+    plain = copy.deepcopy(module)
     plain.fuse_lora()
     plain.unload_lora()
     return plain
@@ -80,5 +75,5 @@ def lora_state_dict(module: nn.Module) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unwrap(module), adapter_name=ADAPTER)
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
     return convert_state_dict_to_diffusers(state)

@@ -7,6 +7,7 @@ latents for latent models). Timestep indices count sampler steps: index 0 is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -26,7 +27,19 @@ class ISRDiffusionModel(Protocol):
         ...
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """Named modules holding the trainable parameters (what DDP wraps and checkpoints save)."""
+        """Named modules holding the trainable parameters (what checkpoints save), always the
+        plain modules, never their wrappers."""
+        ...
+
+    def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
+        """Run the trained forward passes through `wrap(module)` of each trainable module (DDP,
+        whose forward prepares the gradient all-reduce); returns the wrappers by name. Nothing
+        else changes: `trainable_modules()` and exports keep the plain modules
+        (`rfsr_ray.models.wrapping.TrainableWrappers` implements it)."""
+        ...
+
+    def unwrap_trainable(self) -> None:
+        """Undo `wrap_trainable`: forward passes run on the plain modules again."""
         ...
 
     def condition(
@@ -56,8 +69,10 @@ class ISRDiffusionModel(Protocol):
         timestep: torch.Tensor,
         condition: Any,
         generator: torch.Generator | None,
+        reference: bool = False,
     ) -> torch.Tensor:
-        """One sampler step x_t → x_{t-1} of the *trained* model, without gradient."""
+        """One sampler step x_t → x_{t-1} without gradient, of the trained model or, with
+        `reference=True`, of the frozen original."""
         ...
 
     def predict_x0(

@@ -19,7 +19,7 @@ from rfsr_ray.config import ModelConfig
 from rfsr_ray.errors import WeightsError
 from rfsr_ray.hub import require_component, resolve
 from rfsr_ray.models.latent import LatentCondition, LatentSRModel, Mode
-from rfsr_ray.models.lora import ADAPTER, lora_state_dict, merged_copy, unwrap
+from rfsr_ray.models.lora import ADAPTER, lora_state_dict, merged_copy
 from rfsr_ray.models.sd_components import load_scheduler, load_text_parts, load_unet, load_vae
 
 
@@ -93,7 +93,7 @@ class SDUpscalerModel(LatentSRModel):
         )[0]
 
     def pipeline(self, merged: bool = True) -> StableDiffusionUpscalePipeline:
-        unet = merged_copy(self.unet) if merged else unwrap(self.unet)
+        unet = merged_copy(self.unet) if merged else self.unet
         return StableDiffusionUpscalePipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -105,11 +105,10 @@ class SDUpscalerModel(LatentSRModel):
         )
 
     def save_lora(self, path: Path) -> None:
-        unet = unwrap(self.unet)
         StableDiffusionUpscalePipeline.save_lora_weights(
             path,
-            unet_lora_layers=lora_state_dict(unet),
-            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+            unet_lora_layers=lora_state_dict(self.unet),
+            unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict(),
         )
 
 

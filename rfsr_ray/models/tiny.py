@@ -18,7 +18,13 @@ from torch import nn
 
 from rfsr_ray.config import ModelConfig, TinyModelConfig
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.models.diffusion import checked_timesteps, denoise_target, x0_from_model_output
+from rfsr_ray.models.diffusion import (
+    checked_timesteps,
+    denoise_target,
+    sample_sr,
+    x0_from_model_output,
+)
+from rfsr_ray.models.wrapping import TrainableWrappers
 
 MODEL_INFO_FILE = "rfsr_model.json"
 
@@ -49,7 +55,7 @@ def build_scheduler(cfg: TinyModelConfig, sampler: str | None) -> SchedulerMixin
     return DDPMScheduler(**kwargs) if sampler == "ddpm" else DDIMScheduler(**kwargs)
 
 
-class TinySRModel(nn.Module):
+class TinySRModel(TrainableWrappers, nn.Module):
     """Implements `ISRDiffusionModel` for the tiny pixel-space family."""
 
     family = "tiny"
@@ -96,8 +102,8 @@ class TinySRModel(nn.Module):
     def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return checked_timesteps(self.scheduler, num_inference_steps, self.device)
 
-    def _denoiser(self, reference: bool) -> UNet2DModel:
-        return self.reference_unet if reference else self.unet
+    def _denoiser(self, reference: bool) -> nn.Module:
+        return self.reference_unet if reference else self.forward_module("unet")
 
     def model_output(
         self,
@@ -138,7 +144,6 @@ class TinySRModel(nn.Module):
         # so losses can pull a wild x̂0 back instead of seeing a flat zero-gradient region.
         return image + (image.clamp(0, 1) - image).detach()
 
-    @torch.no_grad()
     def sample(
         self,
         lr_image: torch.Tensor,
@@ -146,11 +151,7 @@ class TinySRModel(nn.Module):
         generator: torch.Generator | None = None,
         reference: bool = False,
     ) -> torch.Tensor:
-        condition = self.condition(lr_image)
-        latent = self.start_latent(condition, generator)
-        for timestep in self.set_timesteps(num_inference_steps):
-            latent = self.sampler_step(latent, timestep, condition, generator, reference)
-        return self.decode(latent)
+        return sample_sr(self, lr_image, num_inference_steps, generator, reference)
 
     # ------------------------------------------------------------------ objectives
     def denoise_loss(

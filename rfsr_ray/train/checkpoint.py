@@ -2,9 +2,9 @@
 progress and the resolved config.
 
 Layout of a checkpoint folder:
-    trainable/<module>.safetensors   trainable tensors of each trained module (unwrapped from DDP;
-                                     frozen weights are not repeated, so a LoRA checkpoint holds
-                                     only the adapters)
+    trainable/<module>.safetensors   trainable tensors of each trained module (the module's own
+                                     names, never a DDP wrapper's; frozen weights are not
+                                     repeated, so a LoRA checkpoint holds only the adapters)
     ema.safetensors                  EMA shadow of the trainable parameters, in parameter order
     optimizer.pt, lr_scheduler.pt, rng.pt, grad_scaler.pt (fp16 only)
     progress.json                    step, skipped steps, data position, MLflow run id and the
@@ -126,16 +126,11 @@ def config_changes(folder: Path, cfg: RFSRConfig) -> dict[str, tuple[Any, Any]]:
     }
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return getattr(module, "module", module)
-
-
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's trainable parameters by state-dict name, on the CPU."""
     return {
         name: parameter.detach().contiguous().cpu()
-        for name, parameter in unwrap(module).named_parameters()
+        for name, parameter in module.named_parameters()
         if parameter.requires_grad
     }
 
@@ -226,7 +221,7 @@ def load_checkpoint(folder: Path, state: TrainState) -> Progress:
                 "model trains (model.finetune or model.lora changed?); resume with the config "
                 "saved in the checkpoint"
             )
-        unwrap(module).load_state_dict(weights, strict=False)
+        module.load_state_dict(weights, strict=False)
     shadow = load_file(folder / "ema.safetensors", device=str(device))
     for index, parameter in enumerate(state.ema.shadow_params):
         parameter.data.copy_(shadow[str(index)])

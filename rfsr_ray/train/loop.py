@@ -1,4 +1,4 @@
-"""The per-worker training loop for both objectives (`denoise` and `rfsr`) on Ray Train.
+"""The per-worker training loop for both training losses (`denoise` and `rfsr`) on Ray Train.
 
 Everything arrives as arguments (`config["cfg"]`, `config["context"]`); nothing is read from the
 driver's globals. Every worker reports at the same steps; only rank 0 attaches checkpoints, logs
@@ -14,7 +14,7 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,19 @@ from rfsr_ray.train.checkpoint import (
     load_checkpoint,
     read_progress,
     save_checkpoint,
-    unwrap,
 )
+from rfsr_ray.train.monitor import HackingMonitor
 from rfsr_ray.train.objective import objective_parts, objective_reward
 from rfsr_ray.train.step import (
     Batch,
+    NoSync,
     TrainState,
     any_rank,
     autocast_for,
     build_state,
     optimizer_step,
 )
-from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table
+from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table, gains
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
@@ -115,28 +116,22 @@ def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]
     return item
 
 
-def _wrap_for_ddp(state: TrainState) -> Callable[[], contextlib.AbstractContextManager]:
-    """Wrap trainable modules in DDP (no-op for one worker); returns a no_sync context factory."""
-    wrapped = []
-    for name, module in state.model.trainable_modules().items():
-        prepared = ray.train.torch.prepare_model(module, move_to_device=False)
-        setattr(state.model, name, prepared)
-        wrapped.append(prepared)
+def _wrap_for_ddp(state: TrainState) -> NoSync:
+    """Run the model's trained forward passes through DDP (Ray's `prepare_model`; one worker
+    gets the module back unwrapped); returns a no_sync context factory over the wrappers."""
+    wrappers = state.model.wrap_trainable(
+        lambda module: ray.train.torch.prepare_model(module, move_to_device=False)
+    )
 
     @contextlib.contextmanager
     def no_sync() -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            for module in wrapped:
-                if hasattr(module, "no_sync"):
-                    stack.enter_context(module.no_sync())
+            for wrapper in wrappers.values():
+                if hasattr(wrapper, "no_sync"):
+                    stack.enter_context(wrapper.no_sync())
             yield
 
     return no_sync
-
-
-def _unwrap_modules(state: TrainState) -> None:
-    for name, module in state.model.trainable_modules().items():
-        setattr(state.model, name, unwrap(module))
 
 
 @contextlib.contextmanager
@@ -375,8 +370,9 @@ def _report(
     rank: int,
     validator: Validator | None,
 ) -> bool:
-    """Validation and checkpoint steps: every rank reports, rank 0 attaches the checkpoint.
-    Returns True when training must end early (the hacking monitor's stop)."""
+    """At validation and checkpoint steps, in this order: validate (rank 0), vote on stopping
+    (every rank), export after the last step (rank 0), report (every rank; rank 0 attaches the
+    checkpoint). Returns True when training must end early (the hacking monitor's stop)."""
     last = state.step >= cfg.train.steps
     validate_now = last or state.step % cfg.train.validate_every == 0
     checkpoint_now = last or state.step % cfg.train.checkpoint_every == 0
@@ -385,21 +381,50 @@ def _report(
     metrics: dict[str, float] = {"step": state.step}
     if validate_now and validator is not None:
         metrics.update(_validate(state, validator, context, cfg))
-    stop = False
-    if validate_now and cfg.losses.monitor.stop:  # every rank joins the vote
-        stop = any_rank(metrics.get("val_hacking_signal", 0.0) > 0)
-    if stop:
-        log.warning("step %d: reward-hacking signal; stopping (losses.monitor.stop)", state.step)
-        last = checkpoint_now = True
-    if last:
-        # Export before the final report: a Tune scheduler may stop the trial (killing this
-        # process) as soon as it sees the last result.
-        _unwrap_modules(state)
-        if rank == 0:
-            _finish(state, validator, context, cfg)
-    if not checkpoint_now:
+    stop = validate_now and _vote_stop(metrics, cfg, state.step)
+    if last or stop:
+        _export_final(state, validator, context, cfg, rank)
+    if checkpoint_now or stop:
+        _report_with_checkpoint(metrics, state, progress, cfg, rank)
+    else:
         ray.train.report(metrics)
+    return stop
+
+
+def _vote_stop(metrics: dict[str, float], cfg: RFSRConfig, step: int) -> bool:
+    """True when any rank's validation raised the hacking signal and losses.monitor.stop is on.
+    A collective: every rank calls it at every validation step, validator or not."""
+    if not cfg.losses.monitor.stop:
         return False
+    stop = any_rank(metrics.get("val_hacking_signal", 0.0) > 0)
+    if stop:
+        log.warning("step %d: reward-hacking signal; stopping (losses.monitor.stop)", step)
+    return stop
+
+
+def _export_final(
+    state: TrainState,
+    validator: Validator | None,
+    context: LoopContext,
+    cfg: RFSRConfig,
+    rank: int,
+) -> None:
+    """Unwrap the DDP modules (every rank), then export the EMA model and the base-vs-fine-tuned
+    table (rank 0). Runs before the final report: a Tune scheduler may stop the trial (killing
+    this process) as soon as it sees the last result."""
+    state.model.unwrap_trainable()
+    if rank != 0:
+        return
+    _export_model(state, context, cfg)
+    if validator is not None and validator.last is not None:
+        base = validator.base(state.model)  # cached at the first validation
+        _write_final_table(comparison_table(base, validator.last, validator.lower_better), context)
+
+
+def _report_with_checkpoint(
+    metrics: dict[str, float], state: TrainState, progress: Progress, cfg: RFSRConfig, rank: int
+) -> None:
+    """Every rank reports `metrics`; rank 0 attaches a checkpoint of this step."""
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank == 0:
@@ -408,56 +433,72 @@ def _report(
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:08d}"
         )
-    return stop
 
 
 def _validate(
     state: TrainState, validator: Validator, context: LoopContext, cfg: RFSRConfig
 ) -> dict[str, float]:
-    base = validator.base(state.model)
+    """Validate the EMA weights against the base model (rank 0); log and return the metrics."""
+    base = validator.base(state.model)  # sampled and scored at the first validation only
     with ema_weights(state):
         current, grid = validator.run(state.model)
+    metrics = _validation_metrics(validator, base, current, cfg, state.step)
+    _log_validation(context, metrics, base, grid, state.step)
+    return metrics
+
+
+def _validation_metrics(
+    validator: Validator,
+    base: dict[str, float],
+    current: dict[str, float],
+    cfg: RFSRConfig,
+    step: int,
+) -> dict[str, float]:
+    """`val_*` metrics, their `val_*_gain` over the base, the validation objective and the
+    hacking monitor's state."""
     metrics = {f"val_{k}": v for k, v in current.items()}
-    # Gains are improvements over the base: positive is better for every metric (lower-is-
-    # better ones are flipped); the base's Gram distance is 0 by definition, so it has none.
     metrics.update(
-        {
-            f"val_{k}_gain": (base[k] - current[k])
-            if validator.lower_better.get(k)
-            else (current[k] - base[k])
-            for k in current
-            if k in base and k != "gram_to_base"
-        }
+        {f"val_{k}_gain": v for k, v in gains(base, current, validator.lower_better).items()}
     )
     if cfg.losses.reward.terms:  # the number a sweep ranks trials by (rfsr_ray.train.objective)
         parts = objective_parts(cfg, metrics)
         metrics["val_reward_gain"] = parts["reward_gain"]
         metrics["val_objective"] = parts["objective"]
     if validator.monitor is not None:
-        metrics.update(_check_hacking(validator, current, cfg, state.step))
-    grid_path = Path(context.run_dir) / "validation" / f"grid_step_{state.step:08d}.png"
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(grid_path)
-    log.info(
-        "validation at step %d: %s",
-        state.step,
-        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
-    )
-    _log_metrics(context, metrics, state.step)
-    if state.step == 0:
-        _log_metrics(context, {f"base_{k}": v for k, v in base.items()}, 0)
-    if context.run is not None:
-        mlflow_run.log_artifact(context.run, grid_path, "validation")
+        reward = current[f"reward_{objective_reward(cfg)}"]
+        held_out = validator.held_out_values(current)
+        metrics.update(_check_hacking(validator.monitor, reward, held_out, step))
     return metrics
 
 
+def _log_validation(
+    context: LoopContext,
+    metrics: dict[str, float],
+    base: dict[str, float],
+    grid: np.ndarray,
+    step: int,
+) -> None:
+    """Save the sample grid under the run folder; log it, the metrics and (at step 0) the
+    base model's metrics as `base_*`."""
+    grid_path = Path(context.run_dir) / "validation" / f"grid_step_{step:08d}.png"
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(grid_path)
+    log.info(
+        "validation at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    )
+    _log_metrics(context, metrics, step)
+    if step == 0:
+        _log_metrics(context, {f"base_{k}": v for k, v in base.items()}, 0)
+    if context.run is not None:
+        mlflow_run.log_artifact(context.run, grid_path, "validation")
+
+
 def _check_hacking(
-    validator: Validator, current: dict[str, float], cfg: RFSRConfig, step: int
+    monitor: HackingMonitor, reward: float, held_out: dict[str, float], step: int
 ) -> dict[str, float]:
-    """Feed the monitor this validation; warn when it fires."""
-    assert validator.monitor is not None
-    reward = current[f"reward_{objective_reward(cfg)}"]
-    signal = validator.monitor.update(reward, validator.held_out_values(current))
+    """Feed the monitor this validation's optimised reward and held-out metrics (higher is
+    better); warn when it fires."""
+    signal = monitor.update(reward, held_out)
     if signal.fired:
         falling = ", ".join(f"{k} −{v:.2%}" for k, v in signal.falling.items())
         log.warning(
@@ -470,23 +511,21 @@ def _check_hacking(
     return {"val_hacking_streak": signal.streak, "val_hacking_signal": float(signal.fired)}
 
 
-def _finish(
-    state: TrainState, validator: Validator | None, context: LoopContext, cfg: RFSRConfig
-) -> None:
-    """Export the EMA model and write the base-vs-fine-tuned table (rank 0)."""
-    run_dir = Path(context.run_dir)
-    export = run_dir / "model"
+def _export_model(state: TrainState, context: LoopContext, cfg: RFSRConfig) -> None:
+    """Save the EMA model with its config to `<run_dir>/model` and log it (rank 0)."""
+    export = Path(context.run_dir) / "model"
     with ema_weights(state):
         state.model.save(export)
     cfg.save(export / "config.yaml")
     if context.run is not None:  # lets an evaluation run link back to this training run
         record = {"run_id": context.run.run_id, "tracking_uri": context.run.tracking_uri}
         (export / "training_run.json").write_text(json.dumps(record, indent=2))
-    if context.run is not None:
         mlflow_run.log_artifact(context.run, export, "model")
-    if validator is None or validator.last is None:
-        return
-    table = comparison_table(validator.base(state.model), validator.last, validator.lower_better)
-    (run_dir / "final_table.md").write_text(table + "\n")
+
+
+def _write_final_table(table: str, context: LoopContext) -> None:
+    """`final_table.md` (the base model against the last validation) in the run folder and run."""
+    path = Path(context.run_dir) / "final_table.md"
+    path.write_text(table + "\n")
     if context.run is not None:
-        mlflow_run.log_artifact(context.run, run_dir / "final_table.md")
+        mlflow_run.log_artifact(context.run, path)

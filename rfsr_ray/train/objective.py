@@ -1,4 +1,5 @@
-"""The sweep objective: held-out reward gain over the base model, penalised for lost fidelity.
+"""The validation objective (`train.val_objective`, logged as `val_objective`): held-out reward
+gain over the base model, penalised for lost fidelity.
 
 Computed from the validation metrics of `rfsr_ray.train.validate` (already prefixed `val_`), so a
 fine-tune reports the same number a sweep ranks trials by.
@@ -19,7 +20,7 @@ def objective_reward(cfg: RFSRConfig) -> str:
     if wanted is None:
         if not names:
             raise ConfigError(
-                "the sweep objective needs a reward: losses.reward.terms is empty; add a term "
+                "the validation objective needs a reward: losses.reward.terms is empty; add a term "
                 "or set train.val_objective.reward"
             )
         return names[0]
@@ -31,7 +32,8 @@ def objective_reward(cfg: RFSRConfig) -> str:
 
 
 def objective_parts(cfg: RFSRConfig, metrics: dict[str, float]) -> dict[str, float]:
-    """{reward_gain, psnr_change, gram_distance, objective} from `val_*` metrics.
+    """{reward_gain, psnr_change, gram_distance, objective} from `val_*` metrics, where
+    `objective` is the validation objective's value.
 
     A missing metric (a trial without a Gram term has no distance) counts as no penalty; a
     missing reward gain makes the objective NaN, which Tune ranks last.

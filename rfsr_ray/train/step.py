@@ -8,7 +8,8 @@ mode), predict x̂0 with gradient, decode, and apply the losses active at that i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +21,11 @@ from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig, TrainConfig
 from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.losses.rfsr import RFSRLosses
+from rfsr_ray.models.diffusion import run_sampler
 from rfsr_ray.models.protocol import ISRDiffusionModel
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
+NoSync = Callable[[], contextlib.AbstractContextManager]  # DDP's no_sync over every wrapper
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,9 @@ def latent_at_index(
     mode, ReFL) or x_T itself whatever the index (one_step mode, the reference code's)."""
     latent = model.start_latent(condition, generator)
     if mode == "trajectory":
+        step = functools.partial(model.sampler_step, condition=condition, generator=generator)
         with torch.no_grad(), autocast():
-            for timestep in timesteps[:index]:
-                latent = model.sampler_step(latent, timestep, condition, generator)
+            latent = run_sampler(step, latent, timesteps[:index])
     return latent
 
 
@@ -224,41 +227,12 @@ class StepResult:
     lr: float
 
 
-def _micro_losses(
-    state: TrainState,
-    micro_batches: Sequence[Batch],
-    cfg: RFSRConfig,
-    autocast: Autocast,
-    no_sync: Callable[[], contextlib.AbstractContextManager],
-) -> Iterator[StepOutput]:
-    last = len(micro_batches) - 1
-    for position, batch in enumerate(micro_batches):
-        # Gradients are all-reduced once, on the last micro-batch. DDP decides in the *forward*
-        # pass whether the following backward reduces, so the forward of every other
-        # micro-batch must run inside no_sync too, not only its backward.
-        with no_sync() if position < last else contextlib.nullcontext():
-            output = _micro_loss(state, batch, cfg, autocast)
-            loss = output.loss / len(micro_batches)
-            if state.scaler is not None:
-                loss = state.scaler.scale(loss)
-            loss.backward()
-        yield output
-
-
-def _micro_loss(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast) -> StepOutput:
-    if cfg.train.loss != "rfsr":
-        return denoise_loss(state.model, batch, state.generator, autocast)
-    assert state.losses is not None  # built for the rfsr objective
-    index = state.losses.windows.sample(state.index_rng)
-    return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
-
-
 def optimizer_step(
     state: TrainState,
     micro_batches: Sequence[Batch],
     cfg: RFSRConfig,
     autocast: Autocast = contextlib.nullcontext,
-    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    no_sync: NoSync = contextlib.nullcontext,
 ) -> StepResult:
     """Accumulate gradients over `micro_batches`, clip, then update weights, LR and EMA.
 
@@ -266,35 +240,25 @@ def optimizer_step(
     stay identical); `train.max_nonfinite_steps` consecutive skips raise `TrainingError`.
     """
     state.optimizer.zero_grad(set_to_none=True)
-    outputs = list(_micro_losses(state, micro_batches, cfg, autocast, no_sync))
-    if state.scaler is not None:
-        state.scaler.unscale_(state.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip))
+    outputs = []
+    for position, batch in enumerate(micro_batches):
+        # Gradients are all-reduced once, on the last micro-batch. DDP decides in the *forward*
+        # pass whether the following backward reduces, so every other micro-batch runs its
+        # forward and its backward inside no_sync.
+        last = position == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else no_sync():
+            output = _forward(state, batch, cfg, autocast)
+            _backward(state, output.loss / len(micro_batches))
+        outputs.append(output)
+    grad_norm = _clip_gradients(state, cfg)
     state.step += 1
     lr = state.optimizer.param_groups[0]["lr"]
     finite = np.isfinite(grad_norm) and all(torch.isfinite(o.loss).item() for o in outputs)
     skipped = any_rank(not finite)
     if skipped:
-        state.optimizer.zero_grad(set_to_none=True)
-        state.skipped_steps += 1
-        state.nonfinite_streak += 1
-        if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
-            raise TrainingError(
-                f"{state.nonfinite_streak} consecutive optimiser steps had non-finite gradients "
-                f"(step {state.step}); lower train.lr, use train.mixed_precision=bf16 or no, or "
-                "check the data. The last good checkpoint is kept"
-            )
-        if state.scaler is not None:
-            state.scaler.update()  # lowers the loss scale after an overflow
+        _skip_update(state, cfg)
     else:
-        if state.scaler is not None:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            state.optimizer.step()
-        state.lr_scheduler.step()
-        state.ema.step(state.params)
-        state.nonfinite_streak = 0
+        _update(state)
     return StepResult(
         _mean_terms(outputs),
         [o.index for o in outputs if o.index is not None],
@@ -302,6 +266,57 @@ def optimizer_step(
         skipped,
         lr,
     )
+
+
+def _forward(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast) -> StepOutput:
+    """The loss of one micro-batch (`train.loss`), at a freshly sampled index for RFSR."""
+    if cfg.train.loss != "rfsr":
+        return denoise_loss(state.model, batch, state.generator, autocast)
+    assert state.losses is not None  # built for the rfsr objective
+    index = state.losses.windows.sample(state.index_rng)
+    return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
+
+
+def _backward(state: TrainState, loss: torch.Tensor) -> None:
+    """Accumulate `loss`'s gradients, loss-scaled under fp16."""
+    if state.scaler is not None:
+        loss = state.scaler.scale(loss)
+    loss.backward()
+
+
+def _clip_gradients(state: TrainState, cfg: RFSRConfig) -> float:
+    """Unscale (fp16) and clip the accumulated gradients to norm `train.grad_clip`; returns
+    their norm before clipping (inf or nan when non-finite)."""
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip))
+
+
+def _update(state: TrainState) -> None:
+    """Weights, LR schedule and EMA take the step."""
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.lr_scheduler.step()
+    state.ema.step(state.params)
+    state.nonfinite_streak = 0
+
+
+def _skip_update(state: TrainState, cfg: RFSRConfig) -> None:
+    """Drop a non-finite step's gradients; too many in a row end the run."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1
+    state.nonfinite_streak += 1
+    if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+        raise TrainingError(
+            f"{state.nonfinite_streak} consecutive optimiser steps had non-finite gradients "
+            f"(step {state.step}); lower train.lr, use train.mixed_precision=bf16 or no, or "
+            "check the data. The last good checkpoint is kept"
+        )
+    if state.scaler is not None:
+        state.scaler.update()  # lowers the loss scale after an overflow
 
 
 def any_rank(flag: bool) -> bool:

@@ -56,7 +56,9 @@ class Validator:
         self.lower_better = {name: bool(m.lower_better) for name, m in self.held_out.items()}
         reward = self.rewards and cfg.train.loss == "rfsr" and monitor.enabled
         self.monitor = HackingMonitor(monitor) if reward else None
+        # The base never changes: sampled and scored at the first validation, then reused.
         self.base_sr: torch.Tensor | None = None
+        self.base_metrics: dict[str, float] | None = None
         self.last: dict[str, float] | None = None  # metrics of the latest `run`
 
     def _sample(self, model: ISRDiffusionModel, reference: bool) -> torch.Tensor:
@@ -92,14 +94,22 @@ class Validator:
         return values
 
     def base(self, model: ISRDiffusionModel) -> dict[str, float]:
-        """Metrics of the frozen original model (sampled once)."""
-        if self.base_sr is None:
+        """Metrics of the frozen original model: sampled and scored at the first call only.
+
+        Its `gram_to_base` is 0 by definition (the base against itself).
+        """
+        if self.base_metrics is None:
             self.base_sr = self._sample(model, reference=True)
-        return self.metrics(self.base_sr)
+            self.base_metrics = self.metrics(self.base_sr)
+        return self.base_metrics
 
     def run(self, model: ISRDiffusionModel) -> tuple[dict[str, float], np.ndarray]:
-        """Metrics of `model` as it is now (load EMA weights before calling) and a sample grid."""
-        self.base(model)
+        """Metrics of `model` as it is now (load EMA weights before calling) and a sample grid.
+
+        The Gram distance and the grid compare against the base outputs, so call `base` first.
+        """
+        if self.base_sr is None:
+            raise RuntimeError("sample the base model (Validator.base) before validating")
         sr = self._sample(model, reference=False)
         self.last = self.metrics(sr)
         return self.last, self.grid(sr)
@@ -116,6 +126,19 @@ class Validator:
         """The monitor's held-out metrics from `metrics`, negated where lower is better."""
         names = [n for n in self.cfg.held_out_metrics() if n in metrics]
         return {n: -metrics[n] if self.lower_better.get(n, False) else metrics[n] for n in names}
+
+
+def gains(
+    base: dict[str, float], current: dict[str, float], lower_better: dict[str, bool]
+) -> dict[str, float]:
+    """Improvement of each metric over the base: positive is better for every metric (those
+    marked in `lower_better` are flipped). The base's Gram distance is 0 by definition, so it
+    has none."""
+    return {
+        name: (base[name] - value) if lower_better.get(name) else (value - base[name])
+        for name, value in current.items()
+        if name in base and name != "gram_to_base"
+    }
 
 
 def comparison_table(

@@ -1,12 +1,19 @@
-"""The reward-hacking monitor on scripted validation trajectories."""
+"""The reward-hacking monitor on scripted validation trajectories, and the validation that
+feeds it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from rfsr_ray.config import HackingMonitorConfig, build_config
 from rfsr_ray.errors import ConfigError
+from rfsr_ray.models import build_model
+from rfsr_ray.train import loop
 from rfsr_ray.train.monitor import HackingMonitor
+from rfsr_ray.train.step import build_state
+from rfsr_ray.train.validate import ValidationSet, Validator
 
 
 def run(rewards, held_out, **settings):
@@ -57,3 +64,60 @@ def test_default_held_out_list_leaves_out_optimised_rewards():
     assert build_config().held_out_metrics() == ("psnr", "ssim", "piqe")
     off = build_config({"losses": {"monitor": {"enabled": False}}})
     assert off.held_out_metrics() == ()
+
+
+def test_validations_sample_and_score_the_base_model_once(tmp_path, monkeypatch):
+    """The base never changes: later validations and the final table reuse its outputs and
+    metrics, and the gains are measured against those same numbers."""
+    cfg = build_config(
+        {
+            "data": {"patch_size": 32},
+            "model": {"tiny": {"block_out_channels": [16, 32], "norm_num_groups": 8}},
+            "schedule": {"num_inference_steps": 2},
+            "losses": {
+                "structure": {"window": [0, 0]},
+                "reward": {"window": [1, 1], "terms": [{"name": "gmsd", "weight": 0.1}]},
+                "gram": {"enabled": False},  # its VGG19 would take most of this test's time
+            },
+        }
+    )
+    torch.manual_seed(0)
+    state = build_state(cfg, build_model(cfg.model, cfg.data.scale), torch.device("cpu"))
+    with torch.no_grad():  # validation samples the EMA weights: make them differ from the base
+        for shadow in state.ema.shadow_params:
+            shadow.add_(0.05 * torch.randn_like(shadow))
+    rng = np.random.default_rng(0)
+    val_set = ValidationSet(
+        lr=rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+        hr=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+    )
+    validator = Validator(cfg, val_set, state.losses, torch.device("cpu"))
+    sampled, scored = [], []
+    sample, metrics = state.model.sample, validator.metrics
+    monkeypatch.setattr(
+        state.model,
+        "sample",
+        lambda *args, reference=False: (
+            sampled.append(reference) or sample(*args, reference=reference)
+        ),
+    )
+    monkeypatch.setattr(
+        validator, "metrics", lambda sr: scored.append(sr is validator.base_sr) or metrics(sr)
+    )
+    context = loop.LoopContext(run_dir=str(tmp_path))
+    first = loop._validate(state, validator, context, cfg)
+    second = loop._validate(state, validator, context, cfg)
+    loop._export_final(state, validator, context, cfg, rank=0)
+    assert sampled == [True, False, False]  # one base batch of 2 images, then one per validation
+    assert scored == [True, False, False]
+    base = validator.base_metrics
+    assert base is not None
+    for name in ("psnr", "ssim", "reward_gmsd"):
+        assert first[f"val_{name}_gain"] == pytest.approx(first[f"val_{name}"] - base[name])
+    assert first["val_piqe_gain"] == pytest.approx(base["piqe"] - first["val_piqe"])  # lower better
+    assert first["val_psnr_gain"] != 0.0
+    assert first["val_reward_gain"] == first["val_reward_gmsd_gain"]  # the objective's reward
+    assert second == first  # the same weights give the same numbers
+    table = (tmp_path / "final_table.md").read_text()
+    assert f"| psnr ↑ | {base['psnr']:.4f} | {first['val_psnr']:.4f} |" in table
+    assert (tmp_path / "model").is_dir()
