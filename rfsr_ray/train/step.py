@@ -42,7 +42,7 @@ class Batch:
 class StepOutput:
     loss: torch.Tensor  # scalar with gradient
     terms: dict[str, torch.Tensor]  # detached per-term values
-    index: int | None  # sampler index used (None for the denoising objective)
+    index: int | None  # sampler index used (None for the denoising loss)
 
 
 def autocast_for(precision: str, device: torch.device) -> Autocast:
@@ -272,7 +272,7 @@ def _forward(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocas
     """The loss of one micro-batch (`train.loss`), at a freshly sampled index for RFSR."""
     if cfg.train.loss != "rfsr":
         return denoise_loss(state.model, batch, state.generator, autocast)
-    assert state.losses is not None  # built for the rfsr objective
+    assert state.losses is not None  # built for train.loss=rfsr
     index = state.losses.windows.sample(state.index_rng)
     return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
 
