@@ -1,10 +1,11 @@
-# The two set-up commands of the README: `make demo` (the main job) and `make test` (the suite).
+# The set-up commands of the README: `make demo` (the main job), `make test` (the suite) and
+# `make test-fast` (unit tests only, a few minutes; tests/README.md).
 # Each creates .venv on first use and reuses it while pyproject.toml and constraints.txt are unchanged.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -ra tests/unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

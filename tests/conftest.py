@@ -1,4 +1,5 @@
-"""Shared fixtures: a small local Ray cluster and generated test images."""
+"""Shared fixtures (a small local Ray cluster, generated test images) and the per-test time
+budget report."""
 
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session. 4 logical CPUs on 2 cores leave room for the
-    data stage beside training workers (a fully reserved cluster would deadlock)."""
+    data stage beside training workers (a fully reserved cluster would deadlock).
+
+    Ray Data's Parquet reader starts up to 32 footer-reading actors per read, sized for cloud
+    storage: on 2 cores those Python processes cost ~7 s of CPU per read of a small local file, so the
+    session (and the workers, which inherit the environment) reads with one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        import ray.data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        if not ray.is_initialized():
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        yield ray
+        ray.shutdown()
 
 
 def natural_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
@@ -70,3 +77,55 @@ def bad_image_files(folder: Path, size: int = 96) -> dict[str, tuple[str, ...]]:
         name: outcome if isinstance(outcome, tuple) else (outcome,)
         for name, (_, outcome) in files.items()
     }
+
+
+# ------------------------------------------------------------------ per-test time budget
+# Seconds a test may take (setup + call + teardown, so a fixture counts for the first test that
+# builds it), by the folder under tests/; see tests/README.md. Over-budget tests are reported at
+# the end of the run, not failed: timings depend on the machine and its load.
+TIME_BUDGET_S = {"unit": 5.0, "integration": 60.0}
+
+
+def budget_for(nodeid: str) -> float | None:
+    """The budget of test `nodeid` (`tests/<folder>/...::name`), None outside budgeted folders."""
+    parts = Path(nodeid.split("::")[0]).parts
+    return TIME_BUDGET_S.get(parts[1]) if len(parts) > 2 and parts[0] == "tests" else None
+
+
+class TimeBudget:
+    """Adds up each test's phase durations and lists the tests over their folder's budget."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.call: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.total[report.nodeid] = self.total.get(report.nodeid, 0.0) + report.duration
+        if report.when == "call":
+            self.call[report.nodeid] = report.duration
+
+    def over_budget(self) -> list[tuple[float, float, str]]:
+        """(seconds, budget, test id) of each test over its budget, slowest first."""
+        over = []
+        for nodeid, seconds in self.total.items():
+            budget = budget_for(nodeid)
+            if budget is not None and seconds > budget:
+                over.append((seconds, budget, nodeid))
+        return sorted(over, reverse=True)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        over = self.over_budget()
+        if not over:
+            return
+        terminalreporter.write_sep(
+            "=", f"{len(over)} tests over their time budget (tests/README.md)"
+        )
+        for seconds, budget, nodeid in over:
+            call = self.call.get(nodeid, 0.0)
+            terminalreporter.write_line(
+                f"{seconds:7.1f} s > {budget:g} s  {nodeid}  (call {call:.1f} s)"
+            )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(TimeBudget(), "rfsr_time_budget")

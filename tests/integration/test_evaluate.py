@@ -3,11 +3,13 @@ against pyiqa, the HTML report rendered in headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,14 +85,37 @@ def eval_args(tmp_path: Path, base: Path, tuned: Path, sets: dict[str, Path]) ->
     ]
 
 
-def test_evaluate_two_models_on_four_test_sets(
-    ray_cluster, tmp_path, base_model, tuned_model, capsys
-):
-    sets = make_test_sets(tmp_path / "data")
-    assert evaluate.main(eval_args(tmp_path, base_model, tuned_model, sets)) == 0
-    out = capsys.readouterr().out
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluate.main run: its exit code and printout, the folder holding its test sets
+    (`data/`), results (`eval/run/`) and MLflow store (`mlflow.db`), and the test sets."""
+
+    code: int
+    out: str
+    root: Path
+    sets: dict[str, Path]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "eval" / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluation(ray_cluster, tmp_path_factory, base_model, tuned_model) -> Evaluation:
+    """Both tiny models evaluated once, shared by the checks of the results and of the page."""
+    root = tmp_path_factory.mktemp("evaluate")
+    sets = make_test_sets(root / "data")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = evaluate.main(eval_args(root, base_model, tuned_model, sets))
+    return Evaluation(code, printed.getvalue(), root, sets)
+
+
+def test_evaluate_two_models_on_four_test_sets(evaluation, tuned_model):
+    assert evaluation.code == 0
+    out = evaluation.out
     assert "bad image paired/broken" in out and "skipped_corrupt=1" in out
-    run_dir = tmp_path / "eval" / "run"
+    run_dir = evaluation.run_dir
 
     with (run_dir / "aggregate.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -105,11 +130,11 @@ def test_evaluate_two_models_on_four_test_sets(
 
     per_image = pq.read_table(run_dir / "per_image.parquet").to_pylist()
     assert len(per_image) == 2 * (2 + 2 + 1 + 1)
-    _check_against_pyiqa(per_image, run_dir / "sr", sets["hr"])
+    _check_against_pyiqa(per_image, run_dir / "sr", evaluation.sets["hr"])
     sr = np.asarray(Image.open(run_dir / "sr" / "tuned" / "paired" / "scene0.png"))
     assert sr.shape == (48, 64, 3)  # 12×16 LR tiled at 8 px, ×4
 
-    client = mlflow_client(tmp_path)
+    client = mlflow_client(evaluation.root)
     runs = client.search_runs([client.get_experiment_by_name("rfsr_ray").experiment_id])
     (run,) = runs
     assert run.data.tags["rfsr.kind"] == "evaluation"
@@ -120,7 +145,12 @@ def test_evaluate_two_models_on_four_test_sets(
     assert {"report.html", "aggregate.md", "comparison.png", "per_image.parquet"} <= artifacts
     page = (run_dir / "report.html").read_text()
     assert "broken" in page and page.count("data:image/png;base64") >= 3 * 4
-    _render_in_chromium(run_dir / "report.html", tmp_path / "screenshot.png")
+
+
+def test_report_renders_in_headless_chromium(evaluation, tmp_path):
+    """The HTML report shows its images in a browser (skipped without Chromium outside CI)."""
+    assert evaluation.code == 0
+    _render_in_chromium(evaluation.run_dir / "report.html", tmp_path / "screenshot.png")
 
 
 def _check_against_pyiqa(per_image: list[dict], sr_dir: Path, hr_dir: Path) -> None:

@@ -1,8 +1,10 @@
-"""ImageReward on transformers' BLIP parts, from a stand-in checkpoint written in the released
-`ImageReward.pt` layout (BLIP ViT + med BERT + MLP key names) and a stand-in BERT vocabulary."""
+"""ImageReward on transformers' BLIP parts, checked against the released `image-reward` package:
+its `ImageReward.pt` key names and shapes, and the scores its own model classes give for a small
+model (tests/fixtures, written by tests/fixtures/make_imagereward_fixtures.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,54 +13,45 @@ import torch
 from rfsr_ray.config import RewardConfig, build_config
 from rfsr_ray.errors import WeightsError
 from rfsr_ray.losses.imagereward import (
+    RELEASED_MEAN,
+    RELEASED_STD,
     ImageRewardModel,
+    configs_from,
+    convert_released,
     load_released,
-    text_config,
-    vision_config,
 )
 from rfsr_ray.losses.rewards import build_reward
 from rfsr_ray.weights import weights_needed, why_missing
+from tests.fixtures.make_imagereward_fixtures import seeded_weights
 
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 WORDS = ["a", "photo", "of", "cat", "dog", "sharp", "blurry", "the"]
+# Released tensors ImageReward's scoring never reads: BLIP's contrastive projections and the
+# text position index buffer (transformers rebuilds it).
+UNUSED_RELEASED = {
+    "blip.vision_proj.weight",
+    "blip.vision_proj.bias",
+    "blip.text_proj.weight",
+    "blip.text_proj.bias",
+    "blip.text_encoder.embeddings.position_ids",
+}
+
+# The released sizes: BLIP's ViT-L/16 at 224 px and its med BERT-base over the ViT's tokens.
+VIT_L16 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+           "num_attention_heads": 16, "image_size": 224, "patch_size": 16}  # fmt: skip
+MED_BERT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "vocab_size": 30524,
+            "encoder_hidden_size": 1024}  # fmt: skip
 
 
-def released_layout(model: ImageRewardModel) -> dict[str, torch.Tensor]:
-    """The model's weights under the names the released checkpoint uses."""
-    vision_names = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.position_embedding": "pos_embed",
-        "post_layernorm.weight": "norm.weight",
-        "post_layernorm.bias": "norm.bias",
-    }
-    layer_parts = {
-        "layer_norm1": "norm1",
-        "layer_norm2": "norm2",
-        "self_attn.qkv": "attn.qkv",
-        "self_attn.projection": "attn.proj",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-    }
-    state: dict[str, torch.Tensor] = {}
-    for key, value in model.vision.state_dict().items():
-        if key in vision_names:
-            name = vision_names[key]
-        elif key.startswith("embeddings.patch_embedding."):
-            name = key.replace("embeddings.patch_embedding.", "patch_embed.proj.")
-        else:
-            index, rest = key.removeprefix("encoder.layers.").split(".", 1)
-            part, leaf = rest.rsplit(".", 1)
-            name = f"blocks.{index}.{layer_parts[part]}.{leaf}"
-        state[f"blip.visual_encoder.{name}"] = value.clone()
-    for key, value in model.text.state_dict().items():
-        state[f"blip.text_encoder.{key}"] = value.clone()
-    for key, value in model.head.state_dict().items():
-        state[f"mlp.layers.{key}"] = value.clone()
-    state["blip.vision_proj.weight"] = torch.zeros(4, 4)  # BLIP heads ImageReward never uses
-    return state
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> tuple[Path, Path, ImageRewardModel]:
+def staged(tmp_path_factory) -> tuple[Path, Path]:
+    """A small checkpoint in the released layout (the tiny released model's keys, seeded
+    weights) and a stand-in BERT vocabulary."""
     from transformers import BertTokenizer
 
     root = tmp_path_factory.mktemp("imagereward")
@@ -66,21 +59,13 @@ def staged(tmp_path_factory) -> tuple[Path, Path, ImageRewardModel]:
     vocab.parent.mkdir()
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizer(str(vocab)).save_pretrained(vocab.parent)
-    torch.manual_seed(0)
-    shared = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 1}  # fmt: skip
-    vision = vision_config(**shared, image_size=32, patch_size=8)
-    text = text_config(encoder_hidden_size=64, vocab_size=len(WORDS) + 7, **shared)
-    model = ImageRewardModel(vision, text)
-    for parameter in model.head.parameters():  # released heads are trained, not near zero
-        torch.nn.init.normal_(parameter, std=0.5)
     checkpoint = root / "ImageReward.pt"
-    torch.save(released_layout(model), checkpoint)
-    return checkpoint, vocab.parent, model
+    torch.save(seeded_weights(fixture("imagereward_tiny_scores.json")["shapes"]), checkpoint)
+    return checkpoint, vocab.parent
 
 
 def term_for(staged, **extra: object):
-    checkpoint, tokenizer, _ = staged
+    checkpoint, tokenizer = staged
     cfg = RewardConfig(
         name="imagereward",
         weights=str(checkpoint),
@@ -96,12 +81,37 @@ def images(seed: int = 0) -> torch.Tensor:
     return torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(seed))
 
 
+def test_every_released_weight_lands_on_one_of_ours_with_its_shape():
+    """The full-size released key set: each key but the unused ones is renamed onto a distinct
+    parameter of the ViT-L/16 + BERT-base model, shapes agree, and nothing of ours stays unset."""
+    shapes = fixture("imagereward_state_keys.json")["keys"]
+    released = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    converted = convert_released(released)
+    source = {id(tensor): key for key, tensor in released.items()}
+    assert set(released) - {source[id(t)] for t in converted.values()} == UNUSED_RELEASED
+    vision, text = configs_from(converted)
+    assert {name: getattr(vision, name) for name in VIT_L16} == VIT_L16
+    assert {name: getattr(text, name) for name in MED_BERT} == MED_BERT
+    with torch.device("meta"):
+        ours = ImageRewardModel(vision, text)
+    expected = ours.state_dict()
+    wrong = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in converted.items()
+             if k in expected and v.shape != expected[k].shape}  # fmt: skip
+    assert not wrong
+    ours.load_state_dict(converted, strict=True)  # no key of ours unset, none left over
+
+
 def test_released_layout_loads_every_weight_and_scores_like_the_model(staged):
-    checkpoint, _, original = staged
-    loaded = load_released(checkpoint)
-    for key, value in original.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    assert loaded.vision.config.num_attention_heads == 1 and loaded.image_size == 32
+    """Scores equal those the released package's `ImageReward.score_gard` gives with the same
+    weights (z-scored with the released mean and std)."""
+    tiny = fixture("imagereward_tiny_scores.json")
+    loaded = load_released(staged[0]).eval()  # no dropout, as the released scores
+    assert loaded.vision.config.num_attention_heads == 2 and loaded.image_size == 32
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(tiny["image_seed"]))
+    with torch.no_grad():
+        raw = loaded(image, torch.tensor(tiny["input_ids"]), torch.tensor(tiny["attention_mask"]))
+    scores = (raw - RELEASED_MEAN) / RELEASED_STD
+    torch.testing.assert_close(scores, torch.tensor(tiny["scores"]), rtol=1e-4, atol=1e-5)
 
 
 def test_imagereward_gradient_reaches_the_image_and_the_prompt_matters(staged):
@@ -140,11 +150,11 @@ def test_prompt_dropout_is_seeded(staged):
 
 def test_missing_or_foreign_checkpoint_is_refused(staged, tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="no such folder"):
-        term_for((tmp_path / "absent", staged[1], None))
+        term_for((tmp_path / "absent", staged[1]))
     foreign = tmp_path / "foreign.pt"
     torch.save({"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8)}, foreign)
     with pytest.raises(WeightsError, match="not an ImageReward checkpoint"):
-        term_for((foreign, staged[1], None))
+        term_for((foreign, staged[1]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = build_config({"losses": {"reward": {"terms": [{"name": "imagereward"}]}}})
     needs = {n.name: n for n in weights_needed(cfg, "train") if n.kind == "hub"}

@@ -4,7 +4,6 @@ saved with save_pretrained and loaded through the same code path as real weights
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,39 +18,16 @@ from rfsr_ray.config import build_config
 from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.models import build_model, load_model
 from rfsr_ray.train.step import Batch, autocast_for, build_state, optimizer_step, rfsr_loss
+from tests.unit.helpers import latent_config, pair, seeded
 
 LORA = {"finetune": "lora", "lora": {"enabled": True, "rank": 4}}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def config(folders: dict[str, Path], family: str, train: dict | None = None, **model: object):
-    return build_config(
-        {
-            "model": {"family": family, "pretrained": str(folders[family]), **model},
-            "schedule": {"num_inference_steps": 4},
-            "losses": {
-                "structure": {"window": [0, 1], "weight": 1.0},
-                "reward": {"window": [2, 3], "terms": [{"name": "gmsd", "weight": 1.0}]},
-                "gram": {"window": [2, 3], "allow_random_vgg": True, "weight": 1.0},
-            },
-            "train": {"lr": 1e-3, "batch_size": 2, **(train or {})},
-        }
-    )
-
-
-def pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return F.interpolate(hr, scale_factor=0.25, mode="area"), hr
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------ faithfulness
 def test_sd_upscaler_samples_like_the_diffusers_pipeline(folders):
     prompt = {"text": "a photo", "negative": "blurry", "guidance_scale": 3.0}
-    cfg = config(folders, "sd_upscaler", prompt=prompt, sd_upscaler={"noise_level": 30})
+    cfg = latent_config(folders, "sd_upscaler", prompt=prompt, sd_upscaler={"noise_level": 30})
     model = build_model(cfg.model, 4, trainable=False)
     assert model.scheduler.config.prediction_type == "v_prediction"
     lr, _ = pair()
@@ -76,7 +52,7 @@ def test_controlnet_sr_samples_like_the_diffusers_pipeline(folders, start):
     # img2img at strength 1 noises the LR latent to the first inference timestep, which is
     # `lr_latent_timestep: first_inference`; the default (T-1, SeeSR's) differs from it there.
     controlnet_sr = {"start": start, "lr_latent_timestep": "first_inference"}
-    cfg = config(
+    cfg = latent_config(
         folders, "controlnet_sr", controlnet_sr=controlnet_sr, prompt={"guidance_scale": 2.0}
     )
     model = build_model(cfg.model, 4, trainable=False)
@@ -107,7 +83,7 @@ def test_controlnet_sr_samples_like_the_diffusers_pipeline(folders, start):
 def test_x0_honours_v_prediction(folders):
     """At the last step x̂0 must be close to what one more DDIM step reaches, which only holds
     when x̂0 is computed in the model's own parameterisation (v, not ε)."""
-    model = build_model(config(folders, "sd_upscaler").model, 4, trainable=False)
+    model = build_model(latent_config(folders, "sd_upscaler").model, 4, trainable=False)
     lr, _ = pair()
     condition = model.condition(lr, seeded())
     timesteps = model.set_timesteps(4)
@@ -141,7 +117,7 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     ],
 )
 def test_rfsr_step_gradients_reach_only_what_trains(folders, family, extra, expect):
-    cfg = config(folders, family, **extra)
+    cfg = latent_config(folders, family, **extra)
     model = build_model(cfg.model, 4)
     state = build_state(cfg, model, torch.device("cpu"))
     lr, hr = pair()
@@ -165,9 +141,9 @@ def test_rfsr_step_gradients_reach_only_what_trains(folders, family, extra, expe
 
 @pytest.mark.parametrize(("family", "extra"), [("sd_upscaler", LORA), ("controlnet_sr", {})])
 def test_frozen_reference_stays_the_original_model(folders, family, extra):
-    cfg = config(folders, family, **extra)
+    cfg = latent_config(folders, family, **extra)
     model = build_model(cfg.model, 4)
-    original = build_model(config(folders, family).model, 4, trainable=False)
+    original = build_model(latent_config(folders, family).model, 4, trainable=False)
     state = build_state(cfg, model, torch.device("cpu"))
     lr, hr = pair()
     condition = model.condition(lr, seeded())
@@ -192,21 +168,36 @@ def lora_layers(module):
     return [m for m in module.modules() if hasattr(m, "lora_A") and "rfsr" in m.lora_A]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(folders):
+def test_gradient_checkpointing_gives_the_same_gradients(folders, monkeypatch):
+    """Checkpointing is on exactly when configured (the UNet, ControlNet and VAE say so and
+    their forward goes through torch's checkpoint) and leaves the gradients unchanged."""
+    from torch.utils import checkpoint
+
+    calls = []
+    original = checkpoint.checkpoint
+    monkeypatch.setattr(
+        checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )  # diffusers looks it up on each call
     lr, hr = pair()
     grads = []
     for checkpointing in (False, True):
-        cfg = config(folders, "controlnet_sr", memory={"gradient_checkpointing": checkpointing})
+        cfg = latent_config(
+            folders, "controlnet_sr", memory={"gradient_checkpointing": checkpointing}
+        )
         model = build_model(cfg.model, 4)
         model.train()
+        parts = (model.unet, model.controlnet, model.vae)
+        assert [m.is_gradient_checkpointing for m in parts] == [checkpointing] * 3
         state = build_state(cfg, model, torch.device("cpu"))
+        calls.clear()
         rfsr_loss(model, state.losses, Batch(lr, hr), 3, cfg, seeded()).loss.backward()
+        assert bool(calls) == checkpointing, len(calls)
         grads.append(torch.cat([p.grad.flatten() for p in state.params]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
 def test_prompt_dropout_is_seeded_and_per_sample(folders):
-    cfg = config(folders, "sd_upscaler", prompt={"text": "sharp photo", "drop_prob": 0.5})
+    cfg = latent_config(folders, "sd_upscaler", prompt={"text": "sharp photo", "drop_prob": 0.5})
     model = build_model(cfg.model, 4, trainable=False)
     lr = torch.rand(8, 3, 8, 8)
     first = model.condition(lr, seeded(3), mode="train").prompt_embeds
@@ -239,7 +230,7 @@ def train_a_little(cfg):
     ],
 )
 def test_export_reloads_and_runs_in_the_plain_pipeline(folders, tmp_path, family, extra):
-    cfg = config(folders, family, **extra)
+    cfg = latent_config(folders, family, **extra)
     model = train_a_little(cfg)
     export = model.save(tmp_path / "export")
     lr, _ = pair()
@@ -275,7 +266,9 @@ def test_export_reloads_and_runs_in_the_plain_pipeline(folders, tmp_path, family
 def test_missing_folder_and_uncached_hub_id_fail_fast(folders, tmp_path, monkeypatch):
     started = time.monotonic()
     with pytest.raises(WeightsError, match="no such folder"):
-        build_model(config(folders, "sd_upscaler", pretrained=str(tmp_path / "nope")).model, 4)
+        build_model(
+            latent_config(folders, "sd_upscaler", pretrained=str(tmp_path / "nope")).model, 4
+        )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_cfg = build_config({"model": {"family": "sd_upscaler"}})  # the default hub id
     with pytest.raises(WeightsError) as offline:
@@ -296,9 +289,9 @@ def test_incomplete_folder_names_the_missing_component(folders, tmp_path):
     broken = shutil.copytree(folders["controlnet_sr"], tmp_path / "broken")
     shutil.rmtree(broken / "controlnet")
     with pytest.raises(WeightsError, match=r"model\.controlnet_sr\.controlnet"):
-        build_model(config(folders, "controlnet_sr", pretrained=str(broken)).model, 4)
+        build_model(latent_config(folders, "controlnet_sr", pretrained=str(broken)).model, 4)
     shutil.rmtree(broken / "vae")
-    cfg = config(folders, "controlnet_sr", pretrained=str(broken))
+    cfg = latent_config(folders, "controlnet_sr", pretrained=str(broken))
     cfg = cfg.model.model_copy(
         update={"controlnet_sr": cfg.model.controlnet_sr.model_copy(
             update={"controlnet": str(folders["controlnet_sr"] / "controlnet")})}
@@ -360,7 +353,7 @@ LORA_BOTH = {**LORA, "lora": {"enabled": True, "apply_to": ["unet", "controlnet"
 def test_mixed_precision_steps_on_a_gpu_update_fp32_weights(folders, family, extra, precision):
     """bf16/fp16 autocast on CUDA (fp16 with loss scaling): the steps are finite and move the
     trained weights, which stay fp32 master weights on the GPU."""
-    cfg = config(folders, family, train={"mixed_precision": precision}, **extra)
+    cfg = latent_config(folders, family, train={"mixed_precision": precision}, **extra)
     device = torch.device("cuda")
     model = build_model(cfg.model, 4).to(device)
     state = build_state(cfg, model, device)
@@ -378,7 +371,7 @@ def test_mixed_precision_steps_on_a_gpu_update_fp32_weights(folders, family, ext
 @pytest.mark.gpu
 @cuda
 def test_sd_upscaler_samples_like_the_diffusers_pipeline_on_a_gpu(folders):
-    cfg = config(folders, "sd_upscaler", prompt={"guidance_scale": 2.0})
+    cfg = latent_config(folders, "sd_upscaler", prompt={"guidance_scale": 2.0})
     model = build_model(cfg.model, 4, trainable=False).to("cuda")
     lr = pair()[0].cuda()
     ours = model.sample(lr, 4, torch.Generator("cuda").manual_seed(0))

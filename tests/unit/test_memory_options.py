@@ -21,7 +21,7 @@ from rfsr_ray.train.step import (
     build_state,
     optimizer_step,
 )
-from tests.unit.test_latent_families import config, pair, seeded
+from tests.unit.helpers import latent_config, pair, seeded
 
 try:
     import bitsandbytes  # noqa: F401
@@ -91,7 +91,9 @@ def test_ema_on_cpu_matches_the_device_ema_and_stays_on_the_cpu(schedule):
 
 @needs_bnb
 def test_ema_on_cpu_checkpoint_round_trips(folders, tmp_path):
-    cfg = config(folders, "sd_upscaler", train={"ema_on_cpu": True, "optimizer": "adamw_8bit"})
+    cfg = latent_config(
+        folders, "sd_upscaler", train={"ema_on_cpu": True, "optimizer": "adamw_8bit"}
+    )
     lr, hr = pair()
     model = build_model(cfg.model, 4)
     state = build_state(cfg, model, torch.device("cpu"))
@@ -115,8 +117,8 @@ PROMPT = {"text": "a sharp photo", "negative": "blurry", "guidance_scale": 3.0, 
 
 
 def test_free_text_encoder_drops_it_and_keeps_identical_embeddings(folders, tmp_path):
-    kept = build_model(config(folders, "controlnet_sr", prompt=PROMPT).model, 4)
-    cfg = config(folders, "controlnet_sr", prompt=PROMPT, memory={"free_text_encoder": True})
+    kept = build_model(latent_config(folders, "controlnet_sr", prompt=PROMPT).model, 4)
+    cfg = latent_config(folders, "controlnet_sr", prompt=PROMPT, memory={"free_text_encoder": True})
     freed = build_model(cfg.model, 4)
     assert freed.text_encoder is None and "text_encoder" not in freed.components()
     assert not any("text_encoder" in name for name, _ in freed.named_parameters())
@@ -146,7 +148,7 @@ def parameter_bytes(tensors) -> int:
 def test_reference_copies_only_trained_tensors_and_predicts_as_the_original(
     folders, family, finetune
 ):
-    cfg = config(folders, family, finetune=finetune)
+    cfg = latent_config(folders, family, finetune=finetune)
     model = build_model(cfg.model, 4)
     original = copy.deepcopy(model)  # what the reference must keep computing
     trained = model.trainable_parameters()

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rfsr_ray.config import build_config
 from rfsr_ray.models import build_model
 from rfsr_ray.train.step import build_state, optimizer_step
-from tests.unit.test_rfsr_core import fixed_batch, tiny_config
+from tests.unit.helpers import fixed_batch, tiny_config
 
 
 def _free_port() -> int:
@@ -45,17 +45,17 @@ def _count_allreduces(rank: int, world: int, port: int, out: str) -> None:
             tensor = bucket.buffer().div_(world)
             return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
 
-        wrapped = []
-        for name, module in model.trainable_modules().items():
+        def wrap(module, calls=calls, hook=hook):
             ddp = DistributedDataParallel(module)
             ddp.register_comm_hook(calls, hook)
-            setattr(model, name, ddp)
-            wrapped.append(ddp)
+            return ddp
+
+        wrapped = model.wrap_trainable(wrap)
 
         @contextlib.contextmanager
         def no_sync(wrapped=wrapped):
             with contextlib.ExitStack() as stack:
-                for ddp in wrapped:
+                for ddp in wrapped.values():
                     stack.enter_context(ddp.no_sync())
                 yield
 
