@@ -17,8 +17,8 @@ def ray_cluster():
     data stage beside training workers (a fully reserved cluster would deadlock).
 
     Ray Data's Parquet reader starts up to 32 footer-reading actors per read, sized for cloud
-    storage: on 2 cores those Python processes cost ~7 s of CPU per read of a small local file, so the
-    session (and the workers, which inherit the environment) reads with one."""
+    storage: on 2 cores those Python processes cost ~7 s of CPU per read of a small local file,
+    so the session (and the workers, which inherit the environment) reads with one."""
     import ray
 
     with pytest.MonkeyPatch.context() as patch:
