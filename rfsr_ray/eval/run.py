@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.data.expressions import col
 
 from rfsr_ray.config import EvalModelConfig, RFSRConfig, load_config
 from rfsr_ray.errors import ConfigError, DataError
@@ -91,7 +92,7 @@ def _pairs(cfg: RFSRConfig, scale: int) -> tuple[ray.data.Dataset, dict, list[st
             f"test sets {empty} have no usable images ({ {k: dict(counts[k]) for k in empty} }); "
             "check their folders"
         )
-    usable = pairs.filter(lambda row: row["skip"] == "")
+    usable = pairs.filter(expr=col("skip") == "")  # an Arrow predicate, no Python per row
     return usable, {name: dict(c) for name, c in counts.items()}, bad
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rfsr_ray.config import TestSetConfig
+from rfsr_ray.config import TestSetConfig as SetConfig  # not a pytest class
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.eval.inference import (
     _wavelet_split,
@@ -84,7 +84,7 @@ def test_paired_folders_match_realsr_and_div2k_names_and_keep_unpaired(tmp_path)
         Image.fromarray(natural_image(8, 8)).save(lr / name)
     for name in ("Canon_001_HR.png", "0801.png"):
         Image.fromarray(natural_image(32, 32)).save(hr / name)
-    entries = _entries(TestSetConfig(name="t", kind="paired", lr=str(lr), hr=str(hr)))
+    entries = _entries(SetConfig(name="t", kind="paired", lr=str(lr), hr=str(hr)))
     assert [e["image_id"] for e in entries] == ["0801", "Canon_001", "orphan"]
     batch = {key: np.asarray([e[key] for e in entries], dtype=object) for key in entries[0]}
     rows = _load_folder_rows(batch)

@@ -141,7 +141,7 @@ def test_lower_better_metric_is_turned_into_a_reward_that_ascends():
     sr = (hr + 0.2 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     sr.requires_grad_(True)
     optimiser = torch.optim.Adam([sr], lr=0.01)
-    start = float(reward(sr, hr=hr).mean())
+    start = float(reward(sr, hr=hr).mean().detach())
     for _ in range(10):
         optimiser.zero_grad()
         (-reward(sr, hr=hr).mean()).backward()
