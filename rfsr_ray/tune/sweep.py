@@ -16,7 +16,6 @@ from typing import Any
 from rfsr_ray.config import RFSRConfig, build_config
 from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.tracking import mlflow_run
-from rfsr_ray.train.driver import run_training
 from rfsr_ray.tune import results
 from rfsr_ray.tune.space import describe, param_space, trial_config, validate_sweep
 
@@ -46,15 +45,24 @@ class SweepOutcome:
     resumed: bool
 
 
-def run_trial(params: dict[str, Any], context: SweepContext) -> None:
-    """One trial: the fine-tune with `params` applied, in its own TorchTrainer."""
+@dataclass(frozen=True)
+class TrialSetup:
+    """What a trial trains and where it logs."""
+
+    cfg: RFSRConfig  # the base config with the trial's parameters; its run is trial_<id>
+    tags: dict[str, str]  # MLflow tags nesting the trial's run under the sweep ({}: no tracking)
+    run_id: str | None  # the child run a trial restarted by a resumed sweep continues
+
+
+def prepare_trial(params: dict[str, Any], context: SweepContext) -> TrialSetup:
+    """The config, MLflow tags and child run of the current Tune trial (call it inside a trial).
+
+    Scripted trial functions in the tests share it with `run_trial`."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     tree = trial_config(context.cfg, params).to_dict()
     tree["output"].update(storage_path=context.train_storage, run_name=f"trial_{trial_id}")
-    cfg = build_config(tree)
     tags: dict[str, str] = {}
     run_id = None
     if context.parent is not None:
@@ -67,7 +75,19 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         # A trial restarted by a resumed sweep continues its own child run.
         run_id = mlflow_run.find_child_run(context.parent, TRIAL_TAG, trial_id)
     log.info("trial %s: %s", trial_id, describe(params))
-    run_training(cfg, callbacks=[TuneReportCallback()], tags=tags, run_id=run_id)
+    return TrialSetup(build_config(tree), tags, run_id)
+
+
+def run_trial(params: dict[str, Any], context: SweepContext) -> None:
+    """One trial: the fine-tune with `params` applied, in its own TorchTrainer."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # Imported here, not at the top: torch and the model families cost a trial actor ~10 s of
+    # CPU, which a scripted trial function (`run_sweep(trial_fn=...)`) does not need.
+    from rfsr_ray.train.driver import run_training
+
+    trial = prepare_trial(params, context)
+    run_training(trial.cfg, callbacks=[TuneReportCallback()], tags=trial.tags, run_id=trial.run_id)
 
 
 TrialFunction = Callable[[dict[str, Any], SweepContext], None]

@@ -1,4 +1,5 @@
-"""Fixtures shared by the integration tests."""
+"""Fixtures and helpers shared by the integration tests: a tiny base model, the override list of a
+tiny fine-tune, and the MLflow store those fine-tunes log to."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from rfsr_ray.config import build_config
 from rfsr_ray.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save_tiny_model(folder: Path, seed: int) -> Path:
@@ -25,3 +28,54 @@ def save_tiny_model(folder: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("base"), seed=0)
+
+
+def tiny_args(tmp_path: Path, base: Path, run_name: str = "run", **extra: object) -> list[str]:
+    """`key=value` overrides of a 3-step, 2-worker fine-tune of the tiny model `base` on builtin
+    images, logging to `tmp_path/mlflow.db`; `extra` adds or replaces keys (`train__steps=2`)."""
+    args = {
+        "data.sources": "[builtin:astronaut+rocket]",
+        "data.patch_size": 32,
+        "data.crops_per_image": 4,
+        "data.batch_size": 4,
+        "data.val_source": "builtin:coffee",
+        "data.val_size": 2,
+        "degradation.preset": "bicubic",
+        "model.pretrained": str(base),
+        "schedule.num_inference_steps": 4,
+        "losses.structure.window": "[0,1]",
+        "losses.reward.window": "[2,3]",
+        "losses.gram.window": "[3,3]",
+        "losses.gram.allow_random_vgg": "true",
+        "losses.reward.terms": "[{name: gmsd, weight: 0.1}]",
+        "train.steps": 3,
+        "train.batch_size": 2,
+        "train.grad_accum": 1,
+        "train.lr": 1e-4,
+        "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 2,
+        "train.log_every": 1,
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output.storage_path": str(tmp_path / "runs"),
+        "output.run_name": run_name,
+    }
+    args.update({key.replace("__", "."): value for key, value in extra.items()})
+    return [f"{key}={value}" for key, value in args.items()]
+
+
+def mlflow_client(tmp_path: Path):
+    """A client of the MLflow store `tiny_args(tmp_path, ...)` logs to."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def only_run(tmp_path: Path):
+    """(client, run) of the single run in the `rfsr_ray` experiment; fails if there are more."""
+    client = mlflow_client(tmp_path)
+    experiment = client.get_experiment_by_name("rfsr_ray")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]

@@ -20,8 +20,7 @@ from PIL import Image
 
 from pipelines import evaluate
 from tests.conftest import natural_image
-from tests.integration.conftest import save_tiny_model
-from tests.integration.test_training import mlflow_client
+from tests.integration.conftest import mlflow_client, save_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

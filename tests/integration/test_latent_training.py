@@ -11,7 +11,7 @@ import torch
 from pipelines import finetune
 from rfsr_ray.models import load_model
 from rfsr_ray.testing.tiny_components import save_tiny_components
-from tests.integration.test_training import only_run, tiny_args
+from tests.integration.conftest import only_run, tiny_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -61,13 +61,14 @@ def test_two_worker_finetune_of_a_latent_family(ray_cluster, tmp_path, family, e
     if "model.prompt.from_data" in extra:
         extra = {**extra, "data.sources": f"[{{kind: parquet, path: {captioned(tmp_path)}, "
                  "caption_column: text}]"}  # fmt: skip
-    args = tiny_args(tmp_path, components, **{"model.family": family, **extra})
+    # Two steps: validation at steps 0 and 2, a checkpoint at 2.
+    args = tiny_args(tmp_path, components, train__steps=2, **{"model.family": family, **extra})
     assert finetune.main(args) == 0
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.family"] == family
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert len(history) == 3 and all(torch.isfinite(torch.tensor(m.value)) for m in history)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(m.value)) for m in history)
     assert "val_psnr" in run.data.metrics and "val_gram_to_base" in run.data.metrics
     export = Path(tmp_path / "runs" / "run" / "model")
     info = json.loads((export / "rfsr_model.json").read_text())

@@ -16,56 +16,12 @@ from rfsr_ray.eval.run import training_run_id
 from rfsr_ray.models import load_model
 from rfsr_ray.tracking.mlflow_run import check_reachable
 from tests.conftest import natural_image
+from tests.integration.conftest import (
+    only_run,
+    tiny_args,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_args(tmp_path: Path, base: Path, run_name: str = "run", **extra: object) -> list[str]:
-    args = {
-        "data.sources": "[builtin:astronaut+rocket]",
-        "data.patch_size": 32,
-        "data.crops_per_image": 4,
-        "data.batch_size": 4,
-        "data.val_source": "builtin:coffee",
-        "data.val_size": 2,
-        "degradation.preset": "bicubic",
-        "model.pretrained": str(base),
-        "schedule.num_inference_steps": 4,
-        "losses.structure.window": "[0,1]",
-        "losses.reward.window": "[2,3]",
-        "losses.gram.window": "[3,3]",
-        "losses.gram.allow_random_vgg": "true",
-        "losses.reward.terms": "[{name: gmsd, weight: 0.1}]",
-        "train.steps": 3,
-        "train.batch_size": 2,
-        "train.grad_accum": 1,
-        "train.lr": 1e-4,
-        "train.num_workers": 2,
-        "train.cpus_per_worker": 0.5,
-        "train.checkpoint_every": 2,
-        "train.validate_every": 2,
-        "train.log_every": 1,
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "output.storage_path": str(tmp_path / "runs"),
-        "output.run_name": run_name,
-    }
-    args.update({key.replace("__", "."): value for key, value in extra.items()})
-    return [f"{key}={value}" for key, value in args.items()]
-
-
-def mlflow_client(tmp_path: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-def only_run(tmp_path: Path):
-    client = mlflow_client(tmp_path)
-    experiment = client.get_experiment_by_name("rfsr_ray")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    return client, runs[0]
 
 
 def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, capsys):
@@ -111,44 +67,43 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
     ]
 
 
-def test_resume_continues_from_the_checkpoint_in_the_same_run(ray_cluster, tmp_path, base_model):
-    args = tiny_args(tmp_path, base_model, "resumable", train__steps=2)
+def test_a_rerun_continues_the_run_and_a_changed_config_needs_resume(
+    ray_cluster, tmp_path, base_model, capsys
+):
+    """Re-running a run name with more steps continues it from its checkpoint in the same MLflow
+    run; a changed training key is refused unless --resume, which keeps the old config. One
+    worker: resuming is tested here, DDP in the test above."""
+    args = tiny_args(tmp_path, base_model, "resumable", train__steps=2, train__num_workers=1)
+    run_dir = tmp_path / "runs" / "resumable"
     assert finetune.main(args) == 0
     _, first = only_run(tmp_path)
-    assert finetune.main([*args, "train.steps=4"]) == 0
+    assert finetune.main([*args, "train.steps=3"]) == 0
     client, second = only_run(tmp_path)
     assert second.info.run_id == first.info.run_id
     steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
-    assert sorted(steps) == [1, 2, 3, 4]  # steps 3-4 continue the run; step 1 is not redone
-    assert (tmp_path / "runs" / "resumable" / "checkpoint_00000004").is_dir()
+    assert sorted(steps) == [1, 2, 3]  # step 3 continues the run; steps 1-2 are not redone
+    assert (run_dir / "checkpoint_00000003").is_dir()
 
-
-def test_a_rerun_with_a_changed_config_is_refused_unless_resumed(
-    ray_cluster, tmp_path, base_model, capsys
-):
-    args = tiny_args(tmp_path, base_model, "changed", train__steps=2)
-    assert finetune.main(args) == 0
-    _, first = only_run(tmp_path)
     capsys.readouterr()
     changed = [*args, "train.lr=2e-4", "train.steps=4"]  # train.steps may change, lr may not
     assert finetune.main(changed) == 2  # refused before Ray, data or MLflow start
     err = capsys.readouterr().err
-    assert "output.run_name='changed' already has a checkpoint at step 2" in err
+    assert "output.run_name='resumable' already has a checkpoint at step 3" in err
     assert "train.lr: 0.0001 → 0.0002" in err and "train.steps" not in err
     assert "pick a new output.run_name, or pass --resume" in err
-    run_dir = tmp_path / "runs" / "changed"
     assert load_config(run_dir / "config.yaml").train.lr == 1e-4  # not overwritten
     assert finetune.main(["--resume", *changed]) == 0
-    client, second = only_run(tmp_path)
-    assert second.info.run_id == first.info.run_id
-    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    client, third = only_run(tmp_path)
+    assert third.info.run_id == first.info.run_id
+    steps = [m.step for m in client.get_metric_history(third.info.run_id, "loss")]
     assert steps == [1, 2, 3, 4]
     assert load_config(run_dir / "config.yaml").train.lr == 2e-4
-    assert load_config(run_dir / "config.until_step_00000002.yaml").train.lr == 1e-4
-    assert "train.lr: 0.0001 → 0.0002" in second.data.tags["rfsr.config_change.step_2"]
-    assert second.data.tags["rfsr.resume.1"].startswith("step 2 from ")
-    artifacts = {a.path for a in client.list_artifacts(second.info.run_id)}
-    assert "config.until_step_00000002.yaml" in artifacts
+    assert load_config(run_dir / "config.until_step_00000003.yaml").train.lr == 1e-4
+    assert "train.lr: 0.0001 → 0.0002" in third.data.tags["rfsr.config_change.step_3"]
+    assert third.data.tags["rfsr.resume.1"].startswith("step 2 from ")
+    assert third.data.tags["rfsr.resume.2"].startswith("step 3 from ")
+    artifacts = {a.path for a in client.list_artifacts(third.info.run_id)}
+    assert "config.until_step_00000003.yaml" in artifacts
 
 
 def test_train_local_mode_runs_the_worker_loop_in_process(ray_cluster, tmp_path, base_model):
@@ -174,6 +129,7 @@ def test_pretrain_denoise_objective(ray_cluster, tmp_path):
         "train.loss=denoise",
         "model.tiny.block_out_channels=[16,32]",
         "tracking.enabled=false",
+        "train.num_workers=0",  # the objective is tested here, DDP elsewhere
     ]
     assert pretrain.main(args) == 0
     assert (tmp_path / "runs" / "pretrain" / "model" / "unet").is_dir()
