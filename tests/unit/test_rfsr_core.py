@@ -65,7 +65,7 @@ def test_only_active_losses_contribute(cfg, index):
     expected = {name for name, (low, high) in windows.items() if low <= index <= high}
     assert names == expected
     total = sum(float(v) for k, v in output.terms.items() if k.startswith("loss_"))
-    assert float(output.loss) == pytest.approx(total, rel=1e-5, abs=1e-8)
+    assert float(output.loss.detach()) == pytest.approx(total, rel=1e-5, abs=1e-8)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
