@@ -183,9 +183,22 @@ class DataConfig(StrictModel):
     val_source: SourceConfig | None = None
     val_pairs: OptionalLocalPath = Field(None, description="Parquet pair set for validation")
     val_size: int = Field(4, ge=1)
+    val_patch_size: int | None = Field(
+        None,
+        ge=16,
+        le=4096,
+        description="HR size of the held-out validation crops (None: data.patch_size); "
+        "no-reference metrics such as PIQE need at least 128",
+    )
 
     @model_validator(mode="after")
     def _patch_divisible(self) -> DataConfig:
+        if self.val_patch_size is not None and self.val_patch_size % self.scale:
+            fixed = self.val_patch_size - self.val_patch_size % self.scale
+            raise ValueError(
+                f"data.val_patch_size={self.val_patch_size} must be a multiple of data.scale="
+                f"{self.scale}, e.g. {fixed}"
+            )
         if self.patch_size % self.scale:
             fixed = self.patch_size - self.patch_size % self.scale
             raise ValueError(
@@ -314,6 +327,11 @@ class TinyModelConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    residual: bool = Field(
+        False,
+        description="diffuse the residual HR − bicubic(LR) instead of the HR image, as residual "
+        "SR diffusion models do (decode adds the bicubic upsampling back)",
+    )
 
 
 class PromptConfig(StrictModel):
@@ -877,6 +895,14 @@ class TrackingConfig(StrictModel):
     )
     experiment: str = "rfsr_ray"
     enabled: bool = True
+    register_model: str | None = Field(
+        None, description="also register the logged model in the Model Registry under this name"
+    )
+    system_metrics: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="MLflow system metrics (CPU, memory; GPU with nvidia-ml-py) from every "
+        "training node; auto: on for GPU runs",
+    )
 
 
 class PrepareConfig(StrictModel):

@@ -125,7 +125,8 @@ def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
     elif cfg.data.val_source is not None:
         # Held-out pairs from another seed, so they never coincide with training crops.
         val_seed = seeds.derive_seed(cfg.data.seed, "val_data")
-        data = cfg.data.model_copy(update={"seed": val_seed, "pad_small": True})
+        size = cfg.data.val_patch_size or cfg.data.patch_size
+        data = cfg.data.model_copy(update={"seed": val_seed, "pad_small": True, "patch_size": size})
         pipeline = build_pair_dataset(data, cfg.degradation, sources=(cfg.data.val_source,))
         rows = pipeline.dataset.take(cfg.data.val_size)
     else:
