@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import (
-    TrainingOutcome,
-    check_base_model,
-    ensure_base_model,
-    find_resume,
-    run_training,
-)
+
+if TYPE_CHECKING:
+    from rfsr_ray.train.driver import TrainingOutcome
 
 
 def report(outcome: TrainingOutcome) -> None:
+    from rfsr_ray.tracking.mlflow_run import ui_command
+
     print(f"\nrun folder: {outcome.run_dir} (exported model: {outcome.run_dir / 'model'})")
     if outcome.table:
         print("\nheld-out validation, base vs fine-tuned (EMA):\n" + outcome.table)
@@ -34,6 +32,10 @@ def report(outcome: TrainingOutcome) -> None:
 
 
 def finetune(cfg: RFSRConfig) -> int:
+    # Imported here, after run_main has set up logging (torch, diffusers and Ray load with it),
+    # so --help and config errors answer at once.
+    from rfsr_ray.train.driver import check_base_model, ensure_base_model, find_resume, run_training
+
     if cfg.train.loss != "rfsr":
         raise ConfigError(
             "pipelines/finetune.py runs train.loss=rfsr; use "

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import find_resume, run_training
 
 
 def pretrain(cfg: RFSRConfig) -> int:
+    # Imported after run_main has set up logging (see finetune.py).
+    from rfsr_ray.tracking.mlflow_run import ui_command
+    from rfsr_ray.train.driver import find_resume, run_training
+
     if cfg.train.loss != "denoise":
         raise ConfigError("pipelines/pretrain.py runs train.loss=denoise; set it in the config")
     find_resume(cfg)  # a rerun with a changed config is refused before Ray starts

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rfsr_ray.cli import init_ray, local_cpus, run_main
 from rfsr_ray.config import RFSRConfig
-from rfsr_ray.tracking.mlflow_run import ui_command
-from rfsr_ray.train.driver import check_base_model, ensure_base_model
 from rfsr_ray.tune.space import validate_sweep
-from rfsr_ray.tune.sweep import SweepOutcome, run_sweep
+
+if TYPE_CHECKING:
+    from rfsr_ray.tune.sweep import SweepOutcome
 
 
 def report(outcome: SweepOutcome) -> None:
+    from rfsr_ray.tracking.mlflow_run import ui_command
+
     resumed = " (resumed)" if outcome.resumed else ""
     print(f"\nsweep folder{resumed}: {outcome.sweep_dir}\n\n{outcome.table}\n")
     for path in outcome.artifacts:
@@ -33,6 +36,10 @@ def report(outcome: SweepOutcome) -> None:
 
 
 def tune(cfg: RFSRConfig) -> int:
+    # Imported after run_main has set up logging (see finetune.py).
+    from rfsr_ray.train.driver import check_base_model, ensure_base_model
+    from rfsr_ray.tune.sweep import run_sweep
+
     validate_sweep(cfg)  # before Ray starts: a bad space costs no cluster time
     init_ray(local_cpus(cfg, cfg.tune.max_concurrent_trials))
     ensure_base_model(cfg)

@@ -1,8 +1,9 @@
 """Shared command-line handling of the entry scripts in `pipelines/`.
 
 Every pipeline is `python pipelines/NAME.py --config FILE.yaml [key.sub=value ...]`, plus
-`--print-config` to show the resolved config and exit. The training pipelines also take
-`--resume`: continue `output.run_name` even though training-relevant keys changed.
+`--print-config` to show the resolved config and exit, and `--verbose` to print Ray's, MLflow's
+and every rank's log lines too (`rfsr_ray.logs`). The training pipelines also take `--resume`:
+continue `output.run_name` even though training-relevant keys changed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from rfsr_ray import logs
 from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.errors import RFSRError
 
@@ -31,6 +33,12 @@ def build_parser(description: str, resumable: bool = False) -> argparse.Argument
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray's, Ray Data's, MLflow's and pyiqa's log lines and every rank's "
+        "step metrics (default: a progress bar, one line per validation, warnings)",
+    )
     if resumable:
         parser.add_argument(
             "--resume",
@@ -44,7 +52,11 @@ def build_parser(description: str, resumable: bool = False) -> argparse.Argument
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RFSRConfig | None:
     """Parse argv into a validated config; prints it and returns None for --print-config."""
-    args = parser.parse_args(argv)
+    return config_from_args(parser.parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> RFSRConfig | None:
+    """The validated config of parsed arguments; prints it and returns None for --print-config."""
     overrides = list(args.overrides)
     if getattr(args, "resume", False):
         overrides.append("output.allow_config_change=true")
@@ -53,12 +65,6 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
         sys.stdout.write(cfg.to_yaml())
         return None
     return cfg
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
 
 
 def local_cpus(cfg: RFSRConfig, concurrent_runs: int = 1) -> int:
@@ -76,12 +82,23 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):  # every worker process logs as the driver does
+        ray.init(log_to_driver=True, runtime_env=logs.ray_runtime_env(local_cluster=False))
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        runtime_env = logs.ray_runtime_env(local_cluster=True)
+        # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
+        # dashboard serves; without it the cleaner warns every few seconds.
+        info = ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            log_to_driver=True,
+            runtime_env=runtime_env,
+            logging_level=logging.INFO if logs.verbose() else logging.WARNING,
+        )
+        log.info("Ray: local cluster of %s CPUs, dashboard http://%s", num_cpus, info.dashboard_url)
     import ray.data
 
+    # Ray Data's bars on a terminal; training runs turn them off for their own bar (run_training).
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
@@ -93,10 +110,11 @@ def run_main(
 ) -> int:
     """Parse, then run `body(cfg) -> int`; user errors print one clear line and return 2.
     `resumable`: the pipeline trains a run name and takes `--resume`."""
-    setup_logging()
     parser = build_parser(description, resumable)
+    args = parser.parse_args(argv)
+    logs.configure_driver(args.verbose)
     try:
-        cfg = parse_config(parser, argv)
+        cfg = config_from_args(args)
         if cfg is None:
             return 0
         return body(cfg)

@@ -4,10 +4,12 @@ super-resolution papers report them."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
+from rfsr_ray import logs
 from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.hub import cache_only_when_unreachable
 
@@ -49,7 +51,10 @@ def create_metric(name: str, device: torch.device | str = "cpu", as_loss: bool =
     any failure to build (pyiqa raises URLError, OSError, RuntimeError, ...) is a `WeightsError`
     saying why and how to stage the weights."""
     import pyiqa
+    from pyiqa.utils.logger import get_root_logger
 
+    if not logs.verbose():  # pyiqa announces every network it builds at INFO
+        get_root_logger().setLevel(logging.WARNING)
     options = (
         {"as_loss": True, "loss_reduction": "none"} if as_loss else MEASURE_OPTIONS.get(name, {})
     )

@@ -92,7 +92,8 @@ class VGGFeatures(nn.Module):
                 }
             )
         else:
-            log.warning("Gram regulariser uses seeded RANDOM VGG19 features (allow_random_vgg)")
+            # Per process (every rank builds one); the driver warns once (train/driver.py).
+            log.info("Gram regulariser uses seeded RANDOM VGG19 features (allow_random_vgg)")
         for module in trunk:  # in-place ReLUs would overwrite the pre-ReLU maps we keep
             if isinstance(module, nn.ReLU):
                 module.inplace = False

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from pytorch_wavelets import DTCWTForward, DWTForward
 from torch import nn
+
+with warnings.catch_warnings():
+    # pytorch_wavelets imports pkg_resources, which warns on import that it is deprecated; it
+    # works while setuptools<81 is pinned (pyproject), and only a new pytorch_wavelets can fix it.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    from pytorch_wavelets import DTCWTForward, DWTForward
 
 from rfsr_ray.config import StructureLossConfig
 

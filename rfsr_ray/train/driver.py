@@ -16,15 +16,17 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from rfsr_ray import seeds
+from rfsr_ray import logs, seeds
 from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.data.parquet import read_pair_dataset
 from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_empty
 from rfsr_ray.data.sources import read_sources
 from rfsr_ray.errors import ConfigError, DataError, TrainingError
+from rfsr_ray.losses.gram import find_vgg_weights
 from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.train.checkpoint import Progress, config_changes, latest_checkpoint
 from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
+from rfsr_ray.train.progress import ConsoleProgress, ProgressBoard
 from rfsr_ray.train.validate import ValidationSet
 from rfsr_ray.weights import require_weights
 
@@ -170,6 +172,10 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             callbacks=list(callbacks),
+            # Ray Train's INFO lines (worker group start, every report) only with --verbose.
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if logs.verbose() else "WARNING"
+            ),
         ),
         datasets={"train": dataset},
     )
@@ -202,12 +208,15 @@ def run_training(
     callbacks: Sequence[Any] = (),
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
+    console: bool = True,
 ) -> TrainingOutcome:
     """Fit (or resume) the run `output.run_name` under `output.storage_path`.
 
     callbacks: Ray Train callbacks (a sweep trial passes Tune's `TuneReportCallback`).
     tags: extra MLflow tags of a new run (`mlflow.parentRunId` nests it under a sweep).
     run_id: an MLflow run to continue when no checkpoint names one (a restarted sweep trial).
+    console: show the driver's progress bar and validation lines (off in sweep trials, which
+    run outside the driver).
     """
     resume = find_resume(cfg)  # a changed config is refused before anything starts
     require_weights(cfg)  # every missing weight at once, before data or workers start
@@ -215,7 +224,6 @@ def run_training(
     previous = resume.progress if resume else None
     kept_config = None
     if resume is not None:
-        log.info("resuming %s from step %d", run_dir, resume.progress.step)
         _warn_if_rescaled(cfg, resume)
         kept_config = _keep_previous_config(cfg, resume)
     run = None
@@ -229,15 +237,29 @@ def run_training(
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
     pipeline = build_pair_dataset(cfg.data, cfg.degradation, epochs_needed(cfg, start_epoch))
+    board = None
+    if console:
+        board = ProgressBoard.remote()
+        # One bar on the console: the training bar, not Ray Data's feeding it.
+        ray.data.DataContext.get_current().enable_progress_bars = logs.verbose()
     # Workers find the checkpoint to resume themselves (it may be newer by then: a retry).
-    context = LoopContext(str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch)
+    context = LoopContext(
+        str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch, board
+    )
     _save_config(cfg, run, resume, kept_config)
+    _announce(cfg, run, previous.step if previous else 0)
     try:
         # Ids and degradation JSON stay in the Parquet sets; captions go along when they are
         # the prompts.
         columns = ["hr", "lr", "epoch"] + (["caption"] if cfg.model.prompt.from_data else [])
         dataset = pipeline.dataset.select_columns(columns)
-        result = build_trainer(cfg, context, dataset, callbacks).fit()
+        trainer = build_trainer(cfg, context, dataset, callbacks)
+        if board is None:
+            result = trainer.fit()
+        else:
+            start = previous.step if previous else 0
+            with ConsoleProgress(board, cfg.train.steps, start):
+                result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; surface the cause plainly
         if run is not None:
             mlflow_run.end_run(run, "FAILED")
@@ -255,6 +277,34 @@ def run_training(
     return TrainingOutcome(
         run_dir, run, steps, table_file.read_text() if table_file.is_file() else None, counts
     )
+
+
+def _announce(cfg: RFSRConfig, run: mlflow_run.RunHandle | None, start_step: int) -> None:
+    """What a person needs before the bar starts: the run, where its outputs go, its MLflow run."""
+    action = f"resuming at step {start_step} of" if start_step else "training"
+    log.info(
+        "%s %s (%s, %d steps) → %s",
+        action,
+        cfg.output.run_name,
+        cfg.train.loss,
+        cfg.train.steps,
+        run_dir_of(cfg),
+    )
+    gram = cfg.losses.gram
+    rfsr = cfg.train.loss == "rfsr" and gram.enabled
+    if rfsr and gram.allow_random_vgg and find_vgg_weights(gram.vgg_weights) is None:
+        log.warning(
+            "the Gram regulariser uses seeded RANDOM VGG19 features "
+            "(losses.gram.allow_random_vgg): its distances mean little; stage torchvision's "
+            "VGG19 weights for a real run"
+        )
+    if run is not None:
+        log.info(
+            "MLflow: experiment %r, run %s (%s)",
+            cfg.tracking.experiment,
+            run.run_id,
+            run.tracking_uri,
+        )
 
 
 def _cause(error: BaseException) -> str:

@@ -41,6 +41,7 @@ from rfsr_ray.train.checkpoint import (
 )
 from rfsr_ray.train.monitor import HackingMonitor
 from rfsr_ray.train.objective import objective_parts, objective_reward
+from rfsr_ray.train.progress import post_line, post_step
 from rfsr_ray.train.step import (
     Batch,
     NoSync,
@@ -66,6 +67,7 @@ class LoopContext:
     val_set: ValidationSet | None = None
     data_stats: Any = None  # ActorHandle[PipelineStats] of the training pipeline
     start_epoch: int = 0
+    board: Any = None  # ActorHandle[ProgressBoard]: rank 0 posts progress for the driver's bar
     # Set on rank 0 when the worker starts (not by the driver): the last step `run` already holds
     # metrics for; metrics at that step or earlier are not logged again.
     logged_through: int = -1
@@ -333,6 +335,8 @@ def _record(
 ) -> None:
     for name, value in result.terms.items():
         timing.history.setdefault(name, []).append(value)
+    if rank == 0 and context.board is not None:
+        post_step(context.board, state.step, result.terms)
     if state.step % cfg.train.log_every and state.step != cfg.train.steps:
         return
     metrics = {name: float(np.mean(values)) for name, values in timing.history.items()}
@@ -443,7 +447,7 @@ def _validate(
     with ema_weights(state):
         current, grid = validator.run(state.model)
     metrics = _validation_metrics(validator, base, current, cfg, state.step)
-    _log_validation(context, metrics, base, grid, state.step)
+    _log_validation(context, metrics, base, grid, state.step, cfg.train.steps)
     return metrics
 
 
@@ -477,20 +481,38 @@ def _log_validation(
     base: dict[str, float],
     grid: np.ndarray,
     step: int,
+    total_steps: int,
 ) -> None:
     """Save the sample grid under the run folder; log it, the metrics and (at step 0) the
-    base model's metrics as `base_*`."""
+    base model's metrics as `base_*`; one line for the driver's console."""
     grid_path = Path(context.run_dir) / "validation" / f"grid_step_{step:08d}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(grid_path)
     log.info(
         "validation at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     )
+    if context.board is not None:
+        post_line(context.board, validation_line(metrics, step, total_steps))
     _log_metrics(context, metrics, step)
     if step == 0:
         _log_metrics(context, {f"base_{k}": v for k, v in base.items()}, 0)
     if context.run is not None:
         mlflow_run.log_artifact(context.run, grid_path, "validation")
+
+
+def validation_line(metrics: dict[str, float], step: int, total_steps: int) -> str:
+    """'validation 40/120: psnr 24.61 (+0.07) · ssim 0.6326 (+0.015) · …': each held-out value
+    with its gain over the base (positive is better), the Gram distance, the hacking streak."""
+    parts = []
+    for name, value in metrics.items():
+        short = name.removeprefix("val_")
+        if short in ("objective", "reward_gain") or short.endswith("_gain") or "hacking" in short:
+            continue
+        gain = metrics.get(f"val_{short}_gain")
+        parts.append(f"{short} {value:.4g}" + (f" ({gain:+.2g})" if gain is not None else ""))
+    if metrics.get("val_hacking_streak"):
+        parts.append(f"hacking streak {metrics['val_hacking_streak']:.0f}")
+    return f"validation {step}/{total_steps}: " + " · ".join(parts)
 
 
 def _check_hacking(

@@ -87,7 +87,13 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     from rfsr_ray.train.driver import run_training
 
     trial = prepare_trial(params, context)
-    run_training(trial.cfg, callbacks=[TuneReportCallback()], tags=trial.tags, run_id=trial.run_id)
+    run_training(
+        trial.cfg,
+        callbacks=[TuneReportCallback()],
+        tags=trial.tags,
+        run_id=trial.run_id,
+        console=False,
+    )
 
 
 TrialFunction = Callable[[dict[str, Any], SweepContext], None]

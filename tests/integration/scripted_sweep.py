@@ -21,6 +21,7 @@ from typing import Any
 
 from pipelines import tune as tune_pipeline
 from rfsr_ray.tracking import mlflow_run
+from rfsr_ray.tune import sweep
 from rfsr_ray.tune.sweep import SweepContext, prepare_trial, run_sweep
 
 STEP_SECONDS = 0.5
@@ -52,5 +53,6 @@ def scripted_trial(params: dict[str, Any], context: SweepContext) -> None:
 
 if __name__ == "__main__":
     # Everything else is the real pipeline: validation, Ray, the base-model check, the report.
-    tune_pipeline.run_sweep = functools.partial(run_sweep, trial_fn=scripted_trial)
+    # pipelines/tune.py imports run_sweep when it runs: replace it where it is imported from.
+    sweep.run_sweep = functools.partial(run_sweep, trial_fn=scripted_trial)
     sys.exit(tune_pipeline.main())

@@ -113,6 +113,11 @@ def test_ray_job_submit_runs_finetune_on_a_started_cluster(ray_cluster, tmp_path
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
+    # `ray job submit` follows `ray job logs`: the same progress and validation lines as a local
+    # run, without Ray Train's per-report lines.
+    assert "step 2/2 (100%)" in result.stdout
+    assert "validation 2/2: psnr" in result.stdout
+    assert "TrainingReport(" not in result.stdout
     assert (tmp_path / "runs" / "job" / "model" / "rfsr_model.json").is_file()
     # Stopping the started head left the session's cluster running.
     assert ray_cluster.get(ray_cluster.remote(lambda: 1).remote()) == 1

@@ -1,0 +1,89 @@
+"""The demo as a user runs it (`configs/demo.yaml`, sizes shrunk) in its own process and its own
+local Ray cluster: what it prints, and what its MLflow run shows in a browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+STEPS = 4
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    output: str  # stdout and stderr together, as a terminal shows them
+    tracking_uri: str
+    run_dir: Path
+
+
+def demo_overrides(tmp_path: Path, base: Path) -> list[str]:
+    """configs/demo.yaml with only sizes shrunk (and a smaller base, outputs under tmp_path)."""
+    return [
+        f"model.pretrained={base}",
+        "data.crops_per_image=4",
+        "data.val_size=2",
+        "schedule.num_inference_steps=8",
+        "losses.structure.window=[0,3]",
+        "losses.reward.window=[6,7]",
+        "losses.gram.window=[6,7]",
+        f"train.steps={STEPS}",
+        "train.validate_every=2",
+        "train.checkpoint_every=4",
+        "train.log_every=2",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"output.storage_path={tmp_path / 'runs'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, base_model) -> DemoRun:
+    tmp_path = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
+    command = [sys.executable, "pipelines/finetune.py", "--config", "configs/demo.yaml"]
+    result = subprocess.run(
+        [*command, *demo_overrides(tmp_path, base_model)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    return DemoRun(result.stdout, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs")
+
+
+def normalise(line: str) -> str:
+    """A line without what differs between processes and seconds: timestamps, pids, ANSI colour."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    line = re.sub(r"^\d{2}:\d{2}:\d{2} ", "", line)
+    return re.sub(r"pid=\d+", "pid=N", line).strip()
+
+
+def test_demo_prints_a_quiet_readable_console(demo_run):
+    lines = [normalise(line) for line in demo_run.output.splitlines()]
+    repeated = {
+        line: count for line, count in Counter(filter(None, lines)).items() if count > 3
+    }
+    assert not repeated, f"lines repeated more than 3 times: {repeated}"
+    text = "\n".join(lines)
+    assert "training demo_rfsr (rfsr, 4 steps)" in text
+    assert f"step {STEPS}/{STEPS} (100%)" in text  # the progress line (a bar on a terminal)
+    assert re.search(r"ETA \d\d:\d\d · loss [-\d.e]+", text)
+    for step in (0, 2, 4):
+        assert re.search(rf"^validation {step}/{STEPS}: psnr [\d.]+ ", text, re.MULTILINE)
+    assert "held-out validation, base vs fine-tuned" in text
+    # Ray's and the libraries' chatter stays out of the default console.
+    for noise in ("TrainingReport(", "State API", "Progress bars disabled", "pkg_resources"):
+        assert noise not in text
+    assert len(lines) < 80, text
