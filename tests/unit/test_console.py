@@ -1,0 +1,93 @@
+"""What the driver prints: progress lines in a pipe, validation lines, default log levels."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from rfsr_ray import logs
+from rfsr_ray.train.loop import validation_line
+from rfsr_ray.train.progress import ConsoleProgress, bar_postfix
+
+
+def render(total: int, events: list[dict]) -> list[str]:
+    stream = io.StringIO()  # not a terminal: plain lines, as `ray job logs` shows them
+    progress = ConsoleProgress(board=None, total=total, stream=stream)
+    progress._next_line = progress._line_every()
+    progress._render(events)
+    return stream.getvalue().splitlines()
+
+
+def test_a_pipe_gets_a_progress_line_every_tenth_of_the_run_and_every_validation_line():
+    steps = [
+        {"kind": "step", "step": s, "metrics": {"loss": 0.5, "score_gmsd": -0.2}}
+        for s in range(1, 101)
+    ]
+    validation = {"kind": "line", "text": "validation 50/100: psnr 24.1 (+0.1)"}
+    lines = render(100, [*steps[:50], validation, *steps[50:]])
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/100" for s in range(10, 101, 10)]
+    assert progress[-1].startswith("step 100/100 (100%)")
+    assert progress[0].endswith("loss 0.5 · gmsd -0.2")
+    assert "ETA" in progress[0] and "steps/s" in progress[0]
+    assert lines[lines.index(validation["text"]) - 1].startswith("step 50/100")
+
+
+def test_a_short_run_still_shows_its_last_step():
+    lines = render(3, [{"kind": "step", "step": s, "metrics": {"loss": 1.0}} for s in (1, 2, 3)])
+    assert lines[-1].startswith("step 3/3 (100%)")
+
+
+def test_bar_postfix_shows_the_loss_and_each_reward_score():
+    assert bar_postfix({"loss": 0.25, "score_clipiqa": 0.5, "loss_gram": 1.0}) == (
+        "loss 0.25 · clipiqa 0.5"
+    )
+    assert bar_postfix({"loss_structure": 0.1}) == ""
+
+
+def test_validation_line_shows_values_with_their_gains_and_skips_bookkeeping():
+    metrics = {
+        "val_psnr": 24.5,
+        "val_psnr_gain": 0.25,
+        "val_reward_gmsd": -0.15,
+        "val_reward_gmsd_gain": -0.01,
+        "val_gram_to_base": 0.002,
+        "val_objective": 1.0,
+        "val_reward_gain": 0.3,
+        "val_hacking_streak": 2.0,
+        "val_hacking_signal": 0.0,
+    }
+    assert validation_line(metrics, 40, 120) == (
+        "validation 40/120: psnr 24.5 (+0.25) · reward_gmsd -0.15 (-0.01) · "
+        "gram_to_base 0.002 · hacking streak 2"
+    )
+
+
+def test_workers_are_quiet_by_default_and_verbose_restores_info(monkeypatch):
+    names = ["rfsr_ray", "ray.data", "mlflow", "bitsandbytes.backends.cpu.ops"]
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        monkeypatch.setenv(logs.VERBOSE_ENV, "0")
+        logs.setup_worker()
+        assert logging.getLogger("rfsr_ray").level == logging.WARNING
+        assert logging.getLogger("ray.data").level == logging.WARNING
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.ERROR
+        monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+        logging.getLogger("mlflow").setLevel(logging.NOTSET)
+        logs.setup_worker()
+        assert logging.getLogger("rfsr_ray").level == logging.INFO
+        assert logging.getLogger("mlflow").level == logging.NOTSET  # left to the library
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_the_runtime_env_carries_the_setup_hook_and_verbosity(monkeypatch):
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+    env = logs.ray_runtime_env(local_cluster=False)
+    assert env["worker_process_setup_hook"] == "rfsr_ray.logs.setup_worker"
+    assert env["env_vars"] == {logs.VERBOSE_ENV: "1"}
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")
+    local = logs.ray_runtime_env(local_cluster=True)["env_vars"]
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert local["RAY_DATA_LOG_LEVEL"] == "WARNING"
