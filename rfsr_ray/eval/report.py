@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rfsr_ray.eval.metrics import MetricInfo
-from rfsr_ray.images import image_grid
+from rfsr_ray.images import labelled_grid
 
 
 def _mean(values: list[float]) -> float:
@@ -183,20 +183,22 @@ def _markdown_tables_to_html(table_md: str) -> str:
 def comparison_grid(
     crops: dict[str, list[dict[str, Any]]], models: list[str], decode: Any
 ) -> np.ndarray | None:
-    """Rows of LR upscaled | models | HR crops (grey where a set has no HR)."""
-    rows = []
-    for images in crops.values():
+    """Rows of LR bicubic | models | HR crops (grey where a set has no HR) under a labelled
+    header, each row captioned with its set and image id; small crops enlarged (nearest)."""
+    rows, captions = [], []
+    for set_name, images in crops.items():
         for image in images:
-            panels = [decode(image["lr_up"])]
-            panels += [decode(image["sr"][m]) for m in models if m in image["sr"]]
+            if not all(m in image["sr"] for m in models):
+                continue  # a model skipped on this image: its row would not fit the columns
+            panels = [decode(image["lr_up"])] + [decode(image["sr"][m]) for m in models]
             panels.append(decode(image["hr"]) if image["hr"] else np.full_like(panels[0], 128))
             rows.append(panels)
+            captions.append(f"{set_name}: {image['image_id']}")
     if not rows:
         return None
     size = (
         min(min(p.shape[0] for p in r) for r in rows),
         min(min(p.shape[1] for p in r) for r in rows),
     )
-    width = max(len(r) for r in rows)
-    rows = [[p[: size[0], : size[1]] for p in r] for r in rows if len(r) == width]
-    return image_grid(rows)
+    rows = [[p[: size[0], : size[1]] for p in r] for r in rows]
+    return labelled_grid(rows, ["LR bicubic", *models, "HR"], captions)

@@ -72,9 +72,7 @@ def normalise(line: str) -> str:
 
 def test_demo_prints_a_quiet_readable_console(demo_run):
     lines = [normalise(line) for line in demo_run.output.splitlines()]
-    repeated = {
-        line: count for line, count in Counter(filter(None, lines)).items() if count > 3
-    }
+    repeated = {line: count for line, count in Counter(filter(None, lines)).items() if count > 3}
     assert not repeated, f"lines repeated more than 3 times: {repeated}"
     text = "\n".join(lines)
     assert "training demo_rfsr (rfsr, 4 steps)" in text

@@ -93,7 +93,7 @@ def test_validations_sample_and_score_the_base_model_once(tmp_path, monkeypatch)
     )
     validator = Validator(cfg, val_set, state.losses, torch.device("cpu"))
     sampled, scored = [], []
-    sample, metrics = state.model.sample, validator.metrics
+    sample, scores = state.model.sample, validator.scores
     monkeypatch.setattr(
         state.model,
         "sample",
@@ -102,7 +102,7 @@ def test_validations_sample_and_score_the_base_model_once(tmp_path, monkeypatch)
         ),
     )
     monkeypatch.setattr(
-        validator, "metrics", lambda sr: scored.append(sr is validator.base_sr) or metrics(sr)
+        validator, "scores", lambda sr: scored.append(sr is validator.base_sr) or scores(sr)
     )
     context = loop.LoopContext(run_dir=str(tmp_path))
     first = loop._validate(state, validator, context, cfg)
@@ -119,5 +119,6 @@ def test_validations_sample_and_score_the_base_model_once(tmp_path, monkeypatch)
     assert first["val_reward_gain"] == first["val_reward_gmsd_gain"]  # the objective's reward
     assert second == first  # the same weights give the same numbers
     table = (tmp_path / "final_table.md").read_text()
-    assert f"| psnr ↑ | {base['psnr']:.4f} | {first['val_psnr']:.4f} |" in table
+    bicubic = validator.bicubic_metrics["psnr"]
+    assert f"| psnr ↑ | {bicubic:.4f} | {base['psnr']:.4f} | {first['val_psnr']:.4f} |" in table
     assert (tmp_path / "model").is_dir()
