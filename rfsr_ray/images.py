@@ -33,6 +33,8 @@ def image_grid(rows: list[list[np.ndarray]], gutter: int = 4) -> np.ndarray:
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1]."""
+    if not images.flags.writeable:  # Ray hands out read-only buffers; torch warns on sharing them
+        images = images.copy()
     tensor = torch.as_tensor(images).to(device)  # uint8 over the bus, then float
     return tensor.permute(0, 3, 1, 2).float().div(255)
 
