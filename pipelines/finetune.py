@@ -23,7 +23,7 @@ def report(outcome: TrainingOutcome) -> None:
 
     print(f"\nrun folder: {outcome.run_dir} (exported model: {outcome.run_dir / 'model'})")
     if outcome.table:
-        print("\nheld-out validation, base vs fine-tuned (EMA):\n" + outcome.table)
+        print("\nheld-out validation, bicubic vs base vs fine-tuned (EMA):\n" + outcome.table)
     if outcome.run is not None:
         print(
             f"\nMLflow run {outcome.run.run_id}; open it with:\n  "

@@ -25,7 +25,10 @@ def pretrain(cfg: RFSRConfig) -> int:
     outcome = run_training(cfg)
     print(f"\nexported model: {outcome.run_dir / 'model'}")
     if outcome.table:
-        print("\nheld-out validation, initial vs trained (EMA):\n" + outcome.table)
+        print(
+            "\nheld-out validation (base: the initial model, fine-tuned: the trained EMA):\n"
+            + outcome.table
+        )
     if outcome.run is not None:
         print(f"MLflow: {ui_command(outcome.run.tracking_uri)}")
     return 0

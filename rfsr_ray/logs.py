@@ -34,6 +34,10 @@ _QUIET_LEVELS = {
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
 }
 
+# Libraries that set their logger's level from the environment when they load (after any level
+# set here): quiet by default through these variables, in the driver and every worker.
+_QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
 # (message regex, category) of third-party warnings that no user of rfsr_ray can act on.
 _IGNORED_WARNINGS = (
     # Ray Data's own actor passes a deprecated option to itself.
@@ -67,10 +71,11 @@ def _apply(verbose_mode: bool, our_level: int) -> None:
 
 def configure_driver(verbose_mode: bool) -> None:
     """Logging of the driver process; exported to the job's worker processes via the environment
-    (`ray_runtime_env`). Ray Data reads its level from $RAY_DATA_LOG_LEVEL when it loads."""
+    (`ray_runtime_env`)."""
     os.environ[VERBOSE_ENV] = "1" if verbose_mode else "0"
     if not verbose_mode:
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        for name, value in _QUIET_ENV.items():
+            os.environ.setdefault(name, value)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -90,7 +95,7 @@ def ray_runtime_env(local_cluster: bool) -> dict:
     Ray refuses only the same key set twice)."""
     env_vars = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}
     if not verbose():
-        env_vars["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+        env_vars.update({name: os.environ.get(name, value) for name, value in _QUIET_ENV.items()})
     if local_cluster:
         # One machine is never preempted; Ray Train's preemption watcher actor makes Ray core log
         # an error line about its restart policy at every worker-group start.

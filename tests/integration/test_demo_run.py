@@ -80,7 +80,8 @@ def test_demo_prints_a_quiet_readable_console(demo_run):
     assert re.search(r"ETA \d\d:\d\d · loss [-\d.e]+", text)
     for step in (0, 2, 4):
         assert re.search(rf"^validation {step}/{STEPS}: psnr [\d.]+ ", text, re.MULTILINE)
-    assert "held-out validation, base vs fine-tuned" in text
+    assert "held-out validation, bicubic vs base vs fine-tuned" in text
+    assert "| psnr ↑ |" in text
     # Ray's and the libraries' chatter stays out of the default console.
     for noise in ("TrainingReport(", "State API", "Progress bars disabled", "pkg_resources"):
         assert noise not in text
