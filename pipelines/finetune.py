@@ -19,15 +19,16 @@ if TYPE_CHECKING:
 
 
 def report(outcome: TrainingOutcome) -> None:
-    from rfsr_ray.tracking.mlflow_run import ui_command
+    from rfsr_ray.tracking.mlflow_run import run_page_url, ui_command
 
     print(f"\nrun folder: {outcome.run_dir} (exported model: {outcome.run_dir / 'model'})")
     if outcome.table:
         print("\nheld-out validation, bicubic vs base vs fine-tuned (EMA):\n" + outcome.table)
     if outcome.run is not None:
+        page = run_page_url("http://127.0.0.1:5000", outcome.run.experiment_id, outcome.run.run_id)
         print(
             f"\nMLflow run {outcome.run.run_id}; open it with:\n  "
-            f"{ui_command(outcome.run.tracking_uri)}"
+            f"{ui_command(outcome.run.tracking_uri)}\nthen {page}"
         )
 
 

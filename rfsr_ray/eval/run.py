@@ -23,7 +23,7 @@ from rfsr_ray.eval import report
 from rfsr_ray.eval.inference import Upscaler, load_any
 from rfsr_ray.eval.metrics import MetricInfo, Scorer, resolve_metrics
 from rfsr_ray.eval.testsets import decode_png, read_test_set
-from rfsr_ray.tracking import mlflow_run
+from rfsr_ray.tracking import logged_model, mlflow_run
 from rfsr_ray.train.checkpoint import COMPLETE_MARKER, read_progress
 
 log = logging.getLogger("rfsr_ray.eval")
@@ -48,6 +48,7 @@ class ModelInfo:
     scale: int
     steps: int
     training_run_id: str | None
+    logged_model_id: str | None = None  # the MLflow logged model the training run made of it
 
 
 def describe_model(model: EvalModelConfig, cfg: RFSRConfig) -> ModelInfo:
@@ -62,15 +63,26 @@ def describe_model(model: EvalModelConfig, cfg: RFSRConfig) -> ModelInfo:
     steps = cfg.eval.num_inference_steps or saved_steps or cfg.schedule.num_inference_steps
     # Loading once here checks the folder and reads the scale before any actor starts.
     scale = load_any(path).scale
-    return ModelInfo(model.name, str(path), scale, steps, training_run_id(path))
+    return ModelInfo(
+        model.name, str(path), scale, steps, training_run_id(path), logged_model_id(path)
+    )
 
 
 def training_run_id(path: Path) -> str | None:
     if (path / COMPLETE_MARKER).is_file():
         progress = read_progress(path)
         return progress.run_id if progress else None
+    return _training_record(path).get("run_id")
+
+
+def logged_model_id(path: Path) -> str | None:
+    """The id of the MLflow logged model of an exported folder (checkpoints have none)."""
+    return _training_record(path).get("model_id")
+
+
+def _training_record(path: Path) -> dict[str, Any]:
     record = path / TRAINING_RUN_FILE
-    return json.loads(record.read_text()).get("run_id") if record.is_file() else None
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def _pairs(cfg: RFSRConfig, scale: int) -> tuple[ray.data.Dataset, dict, list[str]]:
@@ -206,6 +218,42 @@ def _report_crops(rows: list[dict[str, Any]], limit: int) -> dict[str, list[dict
     return {name: list(images.values()) for name, images in crops.items()}
 
 
+def _run_metrics(table: dict, baseline: str, counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    """`set.model.metric`, `set.delta.model.metric` against the baseline and `set.<count>`;
+    finite values only."""
+    metrics: dict[str, float] = {}
+    for test_set, by_model in table.items():
+        for model, values in by_model.items():
+            for metric, value in values.items():
+                metrics[f"{test_set}.{model}.{metric}"] = value
+                base = by_model.get(baseline, {}).get(metric)
+                if model != baseline and base is not None:
+                    metrics[f"{test_set}.delta.{model}.{metric}"] = value - base
+        for key, value in counts.get(test_set, {}).items():
+            metrics[f"{test_set}.{key}"] = value
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+def _log_metrics(
+    run: mlflow_run.RunHandle,
+    models: list[ModelInfo],
+    metrics: dict[str, float],
+    test_sets: list[str],
+) -> None:
+    """Log the run's metrics. Each evaluated model that is a logged model of this store (the
+    training run logged it) becomes an input of the run, and its own `set.model.metric` values
+    become that model's metrics too (MLflow 3 shows them on the model's page)."""
+    ids = {m.name: m.logged_model_id for m in models if m.logged_model_id}
+    linked = set(logged_model.link_logged_models(run, list(ids.values())))
+    for name, model_id in ids.items():
+        if model_id in linked:
+            prefixes = tuple(f"{test_set}.{name}." for test_set in test_sets)
+            own = {k: v for k, v in metrics.items() if k.startswith(prefixes)}
+            mlflow_run.log_metrics(run, own, step=0, model_id=model_id)
+            metrics = {k: v for k, v in metrics.items() if k not in own}
+    mlflow_run.log_metrics(run, metrics, step=0)
+
+
 def _track(
     cfg: RFSRConfig,
     models: list[ModelInfo],
@@ -222,17 +270,7 @@ def _track(
         if model.training_run_id:
             tags[f"rfsr.model.{model.name}.training_run_id"] = model.training_run_id
     run = mlflow_run.start_run(cfg, cfg.eval.name, tags=tags)
-    metrics: dict[str, float] = {}
-    for test_set, by_model in table.items():
-        for model, values in by_model.items():
-            for metric, value in values.items():
-                metrics[f"{test_set}.{model}.{metric}"] = value
-                base = by_model.get(baseline, {}).get(metric)
-                if model != baseline and base is not None:
-                    metrics[f"{test_set}.delta.{model}.{metric}"] = value - base
-        for key, value in counts.get(test_set, {}).items():
-            metrics[f"{test_set}.{key}"] = value
-    mlflow_run.log_metrics(run, {k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+    _log_metrics(run, models, _run_metrics(table, baseline, counts), list(table))
     for path in artifacts:
         mlflow_run.log_artifact(run, path)
     for model in models:  # the other direction of the link, when the store is the same

@@ -12,11 +12,19 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import TrackingError
 
+if TYPE_CHECKING:
+    import numpy as np
+
+# MLflow 3's experiment kind: runs and charts in the UI, not the GenAI (traces) view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # the UI's query for that view
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the UI shows and edits
 PACKAGES = ("rfsr_ray", "torch", "torchvision", "ray", "diffusers", "pyiqa", "mlflow", "numpy")
 
 
@@ -33,6 +41,13 @@ def resolve_tracking_uri(cfg: RFSRConfig) -> str:
 
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_page_url(base_url: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at `base_url` (e.g. http://127.0.0.1:5000), in its Model
+    training view: MLflow 3.17's UI opens in the GenAI view unless the link asks otherwise (it
+    keeps a per-browser choice and does not read the experiment kind)."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING_VIEW}"
 
 
 @dataclass(frozen=True)
@@ -66,15 +81,23 @@ def check_reachable(uri: str) -> None:
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if missing; either way marked as a model-training
+    experiment (MLflow 3 otherwise may open it in its GenAI view)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose stays
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):
         # Keep artifacts beside the SQLite store, as an absolute path every worker can reach.
         db = Path(uri.removeprefix("sqlite:///"))
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def start_run(
@@ -107,13 +130,17 @@ def log_params(handle: RunHandle, params: dict[str, Any]) -> None:
         client.log_batch(handle.run_id, params=items[start : start + 100])
 
 
-def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int) -> None:
+def log_metrics(
+    handle: RunHandle, metrics: dict[str, float], step: int, model_id: str | None = None
+) -> None:
+    """Log `metrics` at `step`; with `model_id` they are also the metrics of that logged model
+    (MLflow 3), shown on its page and in the run's model list."""
     import time
 
     from mlflow.entities import Metric
 
     timestamp = int(time.time() * 1000)
-    items = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+    items = [Metric(k, float(v), timestamp, step, model_id=model_id) for k, v in metrics.items()]
     client = _client(handle.tracking_uri)
     for start in range(0, len(items), 500):
         client.log_batch(handle.run_id, metrics=items[start : start + 500])
@@ -137,6 +164,38 @@ def log_artifact(handle: RunHandle, path: str | Path, artifact_path: str | None 
         client.log_artifacts(handle.run_id, str(path), artifact_path)
     else:
         client.log_artifact(handle.run_id, str(path), artifact_path)
+
+
+def log_image(handle: RunHandle, image: np.ndarray, key: str, step: int) -> None:
+    """A stepped image (uint8 (H, W, 3)) under `key`: the run's Model metrics tab shows a card
+    per key with a slider over its steps."""
+    _client(handle.tracking_uri).log_image(handle.run_id, image, key=key, step=step)
+
+
+def log_table(handle: RunHandle, data: dict[str, list[Any]], artifact_file: str) -> None:
+    """A table (columns of equal length) as an MLflow table artifact (JSON, `artifact_file`
+    ending in .json), which the UI shows as a table and compares across runs. MLflow appends
+    the rows when the run already holds `artifact_file`."""
+    import pandas as pd
+
+    # Text columns as plain objects: MLflow looks for images among object columns, and pandas 3
+    # warns when that look also matches its `str` columns.
+    columns = {
+        key: pd.Series(values, dtype=object if any(isinstance(v, str) for v in values) else None)
+        for key, values in data.items()
+    }
+    frame = pd.DataFrame(columns)
+    _client(handle.tracking_uri).log_table(handle.run_id, frame, artifact_file)
+
+
+def set_description(handle: RunHandle, markdown: str) -> None:
+    """The run's description (Markdown, shown at the top of the run page); MLflow caps tag
+    values, so a longer text is cut with a note."""
+    limit = 8000  # MLflow's MAX_TAG_VAL_LENGTH
+    if len(markdown) > limit:
+        note = "\n\n… (cut; the full text is in the run's artifacts)"
+        markdown = markdown[: limit - len(note)] + note
+    _client(handle.tracking_uri).set_tag(handle.run_id, DESCRIPTION_TAG, markdown)
 
 
 def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:

@@ -32,6 +32,8 @@ from rfsr_ray.models import build_model
 from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.schedule import describe_timesteps
 from rfsr_ray.tracking import mlflow_run
+from rfsr_ray.tracking.logged_model import log_model
+from rfsr_ray.tracking.system_metrics import start_system_metrics, system_metrics_enabled
 from rfsr_ray.train.checkpoint import (
     Progress,
     latest_checkpoint,
@@ -51,7 +53,7 @@ from rfsr_ray.train.step import (
     build_state,
     optimizer_step,
 )
-from rfsr_ray.train.validate import ValidationSet, Validator, comparison_table, gains
+from rfsr_ray.train.validate import ValidationSet, Validator, gains
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
@@ -292,7 +294,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         validator = Validator(cfg, context.val_set, state.losses, device)
         if state.step == 0:
             _validate(state, validator, context, cfg)
-    _train(state, cfg, context, progress, rank, validator, autocast, no_sync)
+    with contextlib.ExitStack() as stack:
+        if context.run is not None and system_metrics_enabled(cfg):
+            stack.enter_context(_node_system_metrics(context.run))
+        _train(state, cfg, context, progress, rank, validator, autocast, no_sync)
+
+
+def _node_system_metrics(run: mlflow_run.RunHandle) -> contextlib.AbstractContextManager:
+    """MLflow's system-metrics monitor samples only its own machine: the first worker of each
+    node runs one (`system/node_<rank>/…`); other workers of the node get a no-op."""
+    train_context = ray.train.get_context()
+    if train_context.get_local_rank() != 0:
+        return contextlib.nullcontext()
+    return start_system_metrics(run, node_id=f"node_{train_context.get_node_rank()}")
 
 
 def _train(
@@ -421,8 +435,7 @@ def _export_final(
         return
     _export_model(state, context, cfg)
     if validator is not None and validator.last is not None:
-        base = validator.base(state.model)  # cached at the first validation
-        _write_final_table(comparison_table(base, validator.last, validator.lower_better), context)
+        _write_final_table(validator, context)
 
 
 def _report_with_checkpoint(
@@ -447,7 +460,8 @@ def _validate(
     with ema_weights(state):
         current, grid = validator.run(state.model)
     metrics = _validation_metrics(validator, base, current, cfg, state.step)
-    _log_validation(context, metrics, base, grid, state.step, cfg.train.steps)
+    bicubic = validator.bicubic_metrics
+    _log_validation(context, metrics, base, bicubic, grid, state.step, cfg.train.steps)
     return metrics
 
 
@@ -479,15 +493,17 @@ def _log_validation(
     context: LoopContext,
     metrics: dict[str, float],
     base: dict[str, float],
+    bicubic: dict[str, float],
     grid: np.ndarray,
     step: int,
     total_steps: int,
 ) -> None:
     """Save the sample grid under the run folder; log it, the metrics and (at step 0) the
-    base model's metrics as `base_*`; one line for the driver's console."""
+    base model's and bicubic upsampling's metrics as `base_*` and `bicubic_*`; one line for the
+    driver's console."""
     grid_path = Path(context.run_dir) / "validation" / f"grid_step_{step:08d}.png"
     grid_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(grid_path)
+    Image.fromarray(grid).save(grid_path)  # beside the checkpoints; MLflow gets a stepped image
     log.info(
         "validation at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     )
@@ -496,8 +512,10 @@ def _log_validation(
     _log_metrics(context, metrics, step)
     if step == 0:
         _log_metrics(context, {f"base_{k}": v for k, v in base.items()}, 0)
-    if context.run is not None:
-        mlflow_run.log_artifact(context.run, grid_path, "validation")
+        _log_metrics(context, {f"bicubic_{k}": v for k, v in bicubic.items()}, 0)
+    if context.run is not None and step > context.logged_through:
+        # Keyed and stepped: the MLflow UI's slider shows how the outputs changed.
+        mlflow_run.log_image(context.run, grid, key="validation", step=step)
 
 
 def validation_line(metrics: dict[str, float], step: int, total_steps: int) -> str:
@@ -534,20 +552,33 @@ def _check_hacking(
 
 
 def _export_model(state: TrainState, context: LoopContext, cfg: RFSRConfig) -> None:
-    """Save the EMA model with its config to `<run_dir>/model` and log it (rank 0)."""
+    """Save the EMA model with its config to `<run_dir>/model` and log it as the run's MLflow
+    model (a pyfunc that super-resolves; registered under `tracking.register_model` if set)."""
     export = Path(context.run_dir) / "model"
     with ema_weights(state):
         state.model.save(export)
     cfg.save(export / "config.yaml")
-    if context.run is not None:  # lets an evaluation run link back to this training run
-        record = {"run_id": context.run.run_id, "tracking_uri": context.run.tracking_uri}
-        (export / "training_run.json").write_text(json.dumps(record, indent=2))
-        mlflow_run.log_artifact(context.run, export, "model")
+    if context.run is None:
+        return
+    # Lets an evaluation of this folder link back to the training run and its logged model.
+    record = {"run_id": context.run.run_id, "tracking_uri": context.run.tracking_uri}
+    (export / "training_run.json").write_text(json.dumps(record, indent=2))
+    record["model_id"] = log_model(
+        context.run, export, register_as=cfg.tracking.register_model, step=state.step
+    )
+    (export / "training_run.json").write_text(json.dumps(record, indent=2))
 
 
-def _write_final_table(table: str, context: LoopContext) -> None:
-    """`final_table.md` (the base model against the last validation) in the run folder and run."""
+def _write_final_table(validator: Validator, context: LoopContext) -> None:
+    """`final_table.md` (bicubic, the base model and the last validation) in the run folder; in
+    MLflow as a file, a table and the run's description."""
+    table = validator.final_table()
     path = Path(context.run_dir) / "final_table.md"
     path.write_text(table + "\n")
-    if context.run is not None:
-        mlflow_run.log_artifact(context.run, path)
+    if context.run is None:
+        return
+    mlflow_run.log_artifact(context.run, path)
+    mlflow_run.log_table(context.run, validator.final_rows(), "final_table.json")
+    mlflow_run.set_description(
+        context.run, "Held-out validation, bicubic vs base vs fine-tuned (EMA):\n\n" + table
+    )

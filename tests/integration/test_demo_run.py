@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ROOT
+from tests.integration.mlflow_ui import CHROMIUM, check_run_in_ui, mlflow_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 STEPS = 4
@@ -41,6 +42,7 @@ def demo_overrides(tmp_path: Path, base: Path) -> list[str]:
         "train.checkpoint_every=4",
         "train.log_every=2",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.register_model=rfsr-demo",
         f"output.storage_path={tmp_path / 'runs'}",
     ]
 
@@ -86,3 +88,48 @@ def test_demo_prints_a_quiet_readable_console(demo_run):
     for noise in ("TrainingReport(", "State API", "Progress bars disabled", "pkg_resources"):
         assert noise not in text
     assert len(lines) < 80, text
+    # The printed link opens the run in the UI's model-training view.
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=", text)
+
+
+def require_browser() -> None:
+    """Chromium and Playwright are needed; CI fails without them, elsewhere the test skips."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install -e .[dev])")
+    if missing:
+        message = f"the MLflow UI check needs {' and '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_mlflow_ui_shows_the_run_with_charts_stepped_images_and_the_logged_model(
+    demo_run, tmp_path
+):
+    """`mlflow server` on the demo's store, the run page in headless Chromium (screenshots in
+    the test's tmp folder)."""
+    require_browser()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(demo_run.tracking_uri)
+    experiment = client.get_experiment_by_name("rfsr_ray_demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
+    with mlflow_server(demo_run.tracking_uri) as base_url:
+        text = check_run_in_ui(
+            base_url,
+            experiment.experiment_id,
+            run.info.run_id,
+            "demo_rfsr",
+            "val_psnr",
+            "validation",
+            tmp_path / "run.png",
+        )
+    assert "rfsr-demo" in text  # the registered model, listed on the run's overview
+    for shot in ("run.png", "run_metrics.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000
