@@ -171,11 +171,21 @@ def check_run_in_ui(
     with chromium_page() as page:
         overview = _overview(page, overview_url, run_name, screenshot)
         page.goto(overview_url.replace("?", "/model-metrics?", 1))
-        _metric_chart(page, metric)
         _close_assistant(page)
+        # A real run logs dozens of metrics and the tab renders only the cards in view: search
+        # for each card as a person would.
+        _search_charts(page, metric)
+        _metric_chart(page, metric)
+        _search_charts(page, image_key)
         _stepped_image(page, image_key)
         page.screenshot(path=str(_beside(screenshot, "metrics")))
         return overview + "\n" + page.inner_text("body")
+
+
+def _search_charts(page: Any, text: str) -> None:
+    search = page.get_by_placeholder("Search metric charts")
+    search.wait_for()
+    search.fill(text)
 
 
 def _beside(screenshot: Path, suffix: str) -> Path:
@@ -206,7 +216,7 @@ def _overview(page: Any, url: str, run_name: str, screenshot: Path) -> str:
     heading.wait_for()
     heading.scroll_into_view_if_needed()
     models = heading.locator("xpath=../..")
-    assert "Ready" in models.inner_text(), "the logged model is not Ready"
+    models.get_by_text("Ready", exact=True).first.wait_for()  # the table loads after the heading
     page.screenshot(path=str(screenshot))
     return page.inner_text("body")
 
