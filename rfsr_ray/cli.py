@@ -94,6 +94,10 @@ def init_ray(num_cpus: int | None = None) -> None:
             log_to_driver=True,
             runtime_env=runtime_env,
             logging_level=logging.INFO if logs.verbose() else logging.WARNING,
+            # A run starts about ten Python workers (trainers, Train's controller, Ray Data's
+            # coordinators and tasks); Ray's default allows one start per core at a time and
+            # warns past 4x that, which a 2-core machine reaches on every run.
+            _system_config={"worker_maximum_startup_concurrency": max(4, os.cpu_count() or 1)},
         )
         log.info("Ray: local cluster of %s CPUs, dashboard http://%s", num_cpus, info.dashboard_url)
     import ray.data
