@@ -49,7 +49,10 @@ def test_two_worker_finetune_logs_to_mlflow(ray_cluster, tmp_path, base_model, c
         assert history and all(math.isfinite(m.value) for m in history), name
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")} == {0, 2, 3}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "validation", "final_table.md", "timesteps.json"} <= artifacts
+    assert {"images", "final_table.md", "final_table.json", "timesteps.json"} <= artifacts
+    assert "| psnr ↑ |" in run.data.tags["mlflow.note.content"]  # the table as description
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.status == "READY"
     run_dir = tmp_path / "runs" / "run"
     # The index → timestep map the loss windows refer to, recorded once with the run.
     timesteps = json.loads((run_dir / "timesteps.json").read_text())["timesteps"]
