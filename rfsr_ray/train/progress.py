@@ -59,7 +59,7 @@ class ConsoleProgress:
     board: Any
     total: int
     start: int = 0
-    stream: TextIO = sys.stderr
+    stream: TextIO | None = None  # None: sys.stderr when the bar starts (not at import)
     interval_s: float = 0.5
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -69,6 +69,8 @@ class ConsoleProgress:
     _next_line: int = 0
 
     def __enter__(self) -> ConsoleProgress:
+        if self.stream is None:
+            self.stream = sys.stderr
         self._step = self.start
         self._started = time.monotonic()
         self._next_line = self.start + self._line_every()
