@@ -3,6 +3,13 @@
 The denoiser is a `UNet2DModel` that sees the noisy HR image concatenated with the bicubic-upsampled
 LR image (6 input channels). Pixels live in [-1, 1]; x_T is pure noise. It exists so the whole
 system runs and is tested on a CPU and so the embedded default has a real base model.
+
+With `residual` (x0-prediction only) the UNet predicts the residual over the bicubic upsampling:
+x̂0 = bicubic(LR) + UNet(x_t, bicubic(LR)), as residual SR diffusion models do. The latent is still
+the HR image, so `decode` and the scheduler are unchanged; `model_output` returns the full x̂0, so
+every consumer (scheduler step, `predict_x0`, the denoising loss, the frozen reference) sees the
+same parameterisation. A zero UNet is then exactly bicubic, which a few hundred CPU steps refine
+instead of having to learn colour and low frequencies from scratch.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DModel
 from torch import nn
 
 from rfsr_ray.config import ModelConfig, TinyModelConfig
-from rfsr_ray.errors import WeightsError
+from rfsr_ray.errors import ConfigError, WeightsError
 from rfsr_ray.models.diffusion import (
     checked_timesteps,
     denoise_target,
@@ -30,8 +37,11 @@ MODEL_INFO_FILE = "rfsr_model.json"
 
 
 def build_unet(cfg: TinyModelConfig) -> UNet2DModel:
+    """A freshly initialised denoiser; with `residual` its last convolution starts at zero, so the
+    untrained model is exactly bicubic upsampling (random initial residuals cost the short CPU
+    pretraining most of its steps)."""
     depth = len(cfg.block_out_channels)
-    return UNet2DModel(
+    unet = UNet2DModel(
         in_channels=6,
         out_channels=3,
         block_out_channels=cfg.block_out_channels,
@@ -40,6 +50,10 @@ def build_unet(cfg: TinyModelConfig) -> UNet2DModel:
         down_block_types=("DownBlock2D",) * depth,
         up_block_types=("UpBlock2D",) * depth,
     )
+    if cfg.residual:
+        nn.init.zeros_(unet.conv_out.weight)
+        nn.init.zeros_(unet.conv_out.bias)
+    return unet
 
 
 def build_scheduler(cfg: TinyModelConfig, sampler: str | None) -> SchedulerMixin:
@@ -55,16 +69,32 @@ def build_scheduler(cfg: TinyModelConfig, sampler: str | None) -> SchedulerMixin
     return DDPMScheduler(**kwargs) if sampler == "ddpm" else DDIMScheduler(**kwargs)
 
 
+def check_residual(residual: bool, prediction_type: str) -> None:
+    """Refuse `residual` unless the denoiser predicts x0 (the residual is over x̂0)."""
+    if residual and prediction_type != "sample":
+        raise ConfigError(
+            f"model.tiny.residual=true needs model.tiny.prediction_type=sample (x̂0 = bicubic + "
+            f"UNet output), not {prediction_type!r}; set prediction_type: sample or residual: false"
+        )
+
+
 class TinySRModel(TrainableWrappers, nn.Module):
-    """Implements `ISRDiffusionModel` for the tiny pixel-space family."""
+    """Implements `ISRDiffusionModel` for the tiny pixel-space family.
+
+    `residual`: the UNet predicts x̂0 − bicubic(LR) (prediction_type "sample" only).
+    """
 
     family = "tiny"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, scale: int) -> None:
+    def __init__(
+        self, unet: UNet2DModel, scheduler: SchedulerMixin, scale: int, residual: bool = False
+    ) -> None:
         super().__init__()
+        check_residual(residual, scheduler.config.prediction_type)
         self.unet = unet
         self.scheduler = scheduler
         self.scale = scale
+        self.residual = residual
         # The frozen original model for the Gram regulariser: a copy taken before any update.
         self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
 
@@ -112,8 +142,12 @@ class TinySRModel(TrainableWrappers, nn.Module):
         condition: torch.Tensor,
         reference: bool = False,
     ) -> torch.Tensor:
-        inputs = torch.cat([latent, condition.to(latent.dtype)], dim=1)
-        return self._denoiser(reference)(inputs, timestep).sample
+        """The denoiser output in the scheduler's parameterisation, (B, 3, H, W); with `residual`
+        the UNet's residual plus the condition, i.e. x̂0 itself."""
+        condition = condition.to(latent.dtype)
+        inputs = torch.cat([latent, condition], dim=1)
+        output = self._denoiser(reference)(inputs, timestep).sample
+        return condition + output if self.residual else output
 
     @torch.no_grad()
     def sampler_step(
@@ -173,9 +207,8 @@ class TinySRModel(TrainableWrappers, nn.Module):
         path = Path(path)
         self.unet.save_pretrained(path / "unet")
         self.scheduler.save_pretrained(path / "scheduler")
-        (path / MODEL_INFO_FILE).write_text(
-            json.dumps({"family": self.family, "scale": self.scale})
-        )
+        info = {"family": self.family, "scale": self.scale, "residual": self.residual}
+        (path / MODEL_INFO_FILE).write_text(json.dumps(info))
         return path
 
     @classmethod
@@ -190,7 +223,8 @@ class TinySRModel(TrainableWrappers, nn.Module):
         unet = UNet2DModel.from_pretrained(path / "unet")
         scheduler_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(sampler or "")
         scheduler = (scheduler_cls or DDIMScheduler).from_pretrained(path / "scheduler")
-        return cls(unet, scheduler, int(info["scale"]))
+        # Exports from before `residual` existed predict x0 directly.
+        return cls(unet, scheduler, int(info["scale"]), bool(info.get("residual", False)))
 
 
 def build_tiny(cfg: ModelConfig, scale: int) -> TinySRModel:
@@ -203,4 +237,6 @@ def build_tiny(cfg: ModelConfig, scale: int) -> TinySRModel:
                 f"{scale}; set data.scale={model.scale} or use a x{scale} model"
             )
         return model
-    return TinySRModel(build_unet(cfg.tiny), build_scheduler(cfg.tiny, cfg.sampler), scale)
+    check_residual(cfg.tiny.residual, cfg.tiny.prediction_type)
+    scheduler = build_scheduler(cfg.tiny, cfg.sampler)
+    return TinySRModel(build_unet(cfg.tiny), scheduler, scale, cfg.tiny.residual)
