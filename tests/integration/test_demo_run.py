@@ -33,6 +33,7 @@ def demo_overrides(tmp_path: Path, base: Path) -> list[str]:
         f"model.pretrained={base}",
         "data.crops_per_image=4",
         "data.val_size=2",
+        "data.val_patch_size=64",  # held-out crops larger than the training patches
         "schedule.num_inference_steps=8",
         "losses.structure.window=[0,3]",
         "losses.reward.window=[6,7]",
@@ -88,6 +89,10 @@ def test_demo_prints_a_quiet_readable_console(demo_run):
     for noise in ("TrainingReport(", "State API", "Progress bars disabled", "pkg_resources"):
         assert noise not in text
     assert len(lines) < 80, text
+    from PIL import Image
+
+    grid = Image.open(demo_run.run_dir / "demo_rfsr" / "validation" / "grid_step_00000004.png")
+    assert grid.width >= 4 * 128  # four labelled columns of 64² crops enlarged to 128²
     # The printed link opens the run in the UI's model-training view.
     assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=", text)
 

@@ -72,6 +72,13 @@ def test_preset_fills_fields_and_explicit_fields_win():
     assert custom.degradation.jpeg_range == (10, 20)
 
 
+def test_val_patch_size_must_divide_by_scale_and_defaults_to_patch_size():
+    with pytest.raises(ConfigError, match=r"data.val_patch_size=130 .* e.g. 128"):
+        build_config({"data": {"val_patch_size": 130, "scale": 4}})
+    assert build_config({"data": {"val_patch_size": 128}}).data.val_patch_size == 128
+    assert build_config({}).data.val_patch_size is None  # validation crops use data.patch_size
+
+
 def test_patch_size_must_divide_by_scale():
     with pytest.raises(ConfigError, match=r"multiple of data\.scale"):
         build_config({"data": {"patch_size": 66, "scale": 4}})
