@@ -31,6 +31,7 @@ def demo_overrides(tmp_path: Path, base: Path) -> list[str]:
     """configs/demo.yaml with only sizes shrunk (and a smaller base, outputs under tmp_path)."""
     return [
         f"model.pretrained={base}",
+        "data.patch_size=32",
         "data.crops_per_image=4",
         "data.val_size=2",
         "data.val_patch_size=64",  # held-out crops larger than the training patches
