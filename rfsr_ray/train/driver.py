@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -315,23 +316,42 @@ def _cause(error: BaseException) -> str:
     return text[-1] if text else type(error).__name__
 
 
+RECIPE_RECORD = "pretrain_recipe.sha256"  # beside the pretrained export: which recipe made it
+
+
+def _recipe_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def ensure_base_model(cfg: RFSRConfig) -> None:
-    """Pretrain the base on first use when `model.pretrained` is missing and a recipe is given."""
+    """Pretrain the base on first use when `model.pretrained` is missing and a recipe is given.
+    A cached base made from another version of the recipe (or by hand) is used as it is, with a
+    warning that says how to pretrain it again."""
     target = cfg.model.pretrained
-    if target is None or Path(target).exists() or cfg.model.pretrain_config is None:
+    if target is None or cfg.model.pretrain_config is None:
+        return
+    recipe_path = cfg.model.pretrain_config
+    if Path(target).exists():
+        record = Path(target) / RECIPE_RECORD
+        if not record.exists() or record.read_text().strip() != _recipe_digest(recipe_path):
+            log.warning(
+                "base model %s was not pretrained with %s as it is now (the recipe changed, or "
+                "the folder predates it); it is used as it is. Delete the folder to pretrain it "
+                "again with the current recipe",
+                target,
+                recipe_path,
+            )
         return
     log.info(
-        "base model %s not found: pretraining it with %s (first use only)",
-        target,
-        cfg.model.pretrain_config,
+        "base model %s not found: pretraining it with %s (first use only)", target, recipe_path
     )
-    recipe = with_absolute_paths(load_config(cfg.model.pretrain_config))
+    digest = _recipe_digest(recipe_path)
+    recipe = with_absolute_paths(load_config(recipe_path))
     if recipe.train.loss != "denoise":
-        raise ConfigError(
-            f"model.pretrain_config={cfg.model.pretrain_config!r} must set train.loss: denoise"
-        )
+        raise ConfigError(f"model.pretrain_config={recipe_path!r} must set train.loss: denoise")
     outcome = run_training(recipe)
     shutil.copytree(outcome.run_dir / "model", target)
+    (Path(target) / RECIPE_RECORD).write_text(digest + "\n")
 
 
 def check_base_model(cfg: RFSRConfig) -> None:
