@@ -459,7 +459,8 @@ def _validate(
     base = validator.base(state.model)  # sampled and scored at the first validation only
     with ema_weights(state):
         current, grid = validator.run(state.model)
-    metrics = _validation_metrics(validator, base, current, cfg, state.step)
+    console = context.board is not None  # the driver prints the validation line
+    metrics = _validation_metrics(validator, base, current, cfg, state.step, console)
     bicubic = validator.bicubic_metrics
     _log_validation(context, metrics, base, bicubic, grid, state.step, cfg.train.steps)
     return metrics
@@ -471,9 +472,10 @@ def _validation_metrics(
     current: dict[str, float],
     cfg: RFSRConfig,
     step: int,
+    console: bool = False,
 ) -> dict[str, float]:
     """`val_*` metrics, their `val_*_gain` over the base, the validation objective and the
-    hacking monitor's state."""
+    hacking monitor's state (`console`: the driver shows its warning in the validation line)."""
     metrics = {f"val_{k}": v for k, v in current.items()}
     metrics.update(
         {f"val_{k}_gain": v for k, v in gains(base, current, validator.lower_better).items()}
@@ -485,7 +487,7 @@ def _validation_metrics(
     if validator.monitor is not None:
         reward = current[f"reward_{objective_reward(cfg)}"]
         held_out = validator.held_out_values(current)
-        metrics.update(_check_hacking(validator.monitor, reward, held_out, step))
+        metrics.update(_check_hacking(validator.monitor, reward, held_out, step, console))
     return metrics
 
 
@@ -530,25 +532,43 @@ def validation_line(metrics: dict[str, float], step: int, total_steps: int) -> s
         parts.append(f"{short} {value:.4g}" + (f" ({gain:+.2g})" if gain is not None else ""))
     if metrics.get("val_hacking_streak"):
         parts.append(f"hacking streak {metrics['val_hacking_streak']:.0f}")
-    return f"validation {step}/{total_steps}: " + " · ".join(parts)
+    line = f"validation {step}/{total_steps}: " + " · ".join(parts)
+    if metrics.get("val_hacking_signal"):
+        line += "\n  " + hacking_warning(metrics)
+    return line
 
 
 def _check_hacking(
-    monitor: HackingMonitor, reward: float, held_out: dict[str, float], step: int
+    monitor: HackingMonitor,
+    reward: float,
+    held_out: dict[str, float],
+    step: int,
+    console: bool = False,
 ) -> dict[str, float]:
     """Feed the monitor this validation's optimised reward and held-out metrics (higher is
-    better); warn when it fires."""
+    better). Returns its streak, whether it fired, and `val_hacking_fall_<metric>`: how far each
+    falling held-out metric fell since the last validation (a fraction). When it fires, a
+    warning: in this worker's log, and shown by the driver in the validation line (`console`)."""
     signal = monitor.update(reward, held_out)
+    metrics = {"val_hacking_streak": signal.streak, "val_hacking_signal": float(signal.fired)}
+    metrics.update({f"val_hacking_fall_{k}": v for k, v in signal.falling.items()})
     if signal.fired:
-        falling = ", ".join(f"{k} −{v:.2%}" for k, v in signal.falling.items())
-        log.warning(
-            "step %d: possible reward hacking: the optimised reward rose for %d validations "
-            "while held-out metrics fell (%s)",
-            step,
-            signal.streak,
-            falling,
-        )
-    return {"val_hacking_streak": signal.streak, "val_hacking_signal": float(signal.fired)}
+        (log.info if console else log.warning)("step %d: %s", step, hacking_warning(metrics))
+    return metrics
+
+
+def hacking_warning(metrics: dict[str, float]) -> str:
+    """'possible reward hacking: the optimised reward rose 2 validations running while held-out
+    piqe fell 1.44 % (since the last validation)'."""
+    falling = ", ".join(
+        f"{name.removeprefix('val_hacking_fall_')} fell {100 * value:.2f} %"
+        for name, value in metrics.items()
+        if name.startswith("val_hacking_fall_")
+    )
+    return (
+        f"possible reward hacking: the optimised reward rose {metrics['val_hacking_streak']:.0f} "
+        f"validations running while held-out {falling} (since the last validation)"
+    )
 
 
 def _export_model(state: TrainState, context: LoopContext, cfg: RFSRConfig) -> None:

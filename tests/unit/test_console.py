@@ -63,6 +63,27 @@ def test_validation_line_shows_values_with_their_gains_and_skips_bookkeeping():
     )
 
 
+def test_a_fired_hacking_monitor_adds_a_warning_that_names_the_falling_metric():
+    from rfsr_ray.config import HackingMonitorConfig
+    from rfsr_ray.train.loop import _check_hacking
+    from rfsr_ray.train.monitor import HackingMonitor
+
+    monitor = HackingMonitor(HackingMonitorConfig(held_out=["piqe"], patience=2, threshold=0.01))
+    history = [(0.80, -77.0), (0.81, -80.0), (0.82, -82.0)]  # reward up, PIQE (negated) down
+    fired = [
+        _check_hacking(monitor, reward, {"piqe": piqe}, step, console=True)
+        for step, (reward, piqe) in enumerate(history)
+    ]
+    assert [m["val_hacking_signal"] for m in fired] == [0.0, 0.0, 1.0]
+    metrics = {"val_psnr": 29.3, "val_psnr_gain": 0.1, **fired[-1]}
+    first, warning = validation_line(metrics, 80, 80).split("\n")
+    assert first == "validation 80/80: psnr 29.3 (+0.1) · hacking streak 2"
+    assert warning == (
+        "  possible reward hacking: the optimised reward rose 2 validations running while "
+        "held-out piqe fell 2.50 % (since the last validation)"
+    )
+
+
 def test_workers_are_quiet_by_default_and_verbose_restores_info(monkeypatch):
     names = ["rfsr_ray", "ray.data", "mlflow", "bitsandbytes.backends.cpu.ops"]
     saved = {name: logging.getLogger(name).level for name in names}
