@@ -214,8 +214,8 @@ def _restore(
     if folder is None:
         return progress
     restored = load_checkpoint(Path(folder), state)
-    if rank != 0:  # the checkpoint holds rank 0's generators; other ranks draw their own
-        state.index_rng = seeds.numpy_rng(cfg.train.seed, "index", rank, restored.step)
+    if rank != 0:  # the checkpoint holds rank 0's generators: its index stream is every rank's,
+        # its noise is its own
         state.generator.manual_seed(seeds.derive_seed(cfg.train.seed, "noise", rank, restored.step))
     log.info(
         "rank %d resumed at step %d from %s (after data epoch %d)",
