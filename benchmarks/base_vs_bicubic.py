@@ -5,7 +5,8 @@
 
 The held-out pairs are the demo's validation set itself (`build_validation_set` on the demo
 config: `data.val_source` crops of `data.val_patch_size`, never trained on), sampled as validation
-samples them (the `validation` seed stream, `schedule.num_inference_steps`). Targets (issue 15): the
+samples them (`rfsr_ray.train.validate.sample_set`: its batches, their `validation` seed
+streams, `schedule.num_inference_steps`). Targets (issue 15): the
 base beats bicubic on SSIM (higher) and GMSD (lower), and each colour channel's mean is within 2 %
 of the HR's; PSNR is reported. Exit status 1 when a target is missed.
 """
@@ -21,16 +22,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from rfsr_ray import logs, seeds
+from rfsr_ray import logs
 from rfsr_ray.config import RFSRConfig, load_config
 from rfsr_ray.images import bicubic_upscale, image_grid, to_uint8
 from rfsr_ray.iqa import create_metric
 from rfsr_ray.models import load_model
 from rfsr_ray.train.driver import build_validation_set
-from rfsr_ray.train.validate import ValidationSet
+from rfsr_ray.train.validate import ValidationSet, sample_set
 
 COLOUR_TOLERANCE = 2.0  # % of the HR channel mean
-BATCH = 4  # samples per model.sample call, as validation draws them
 
 
 def held_out_set(cfg: RFSRConfig) -> ValidationSet:
@@ -52,15 +52,10 @@ def held_out_set(cfg: RFSRConfig) -> ValidationSet:
 
 @torch.no_grad()
 def sample_base(model_path: str, cfg: RFSRConfig, lr_image: torch.Tensor) -> torch.Tensor:
+    """The base's SR of the set, with validation's own sampling (its batches and noise)."""
     model = load_model(model_path)
-    generator = seeds.torch_generator(cfg.train.seed, "validation")
     steps = cfg.schedule.num_inference_steps
-    return torch.cat(
-        [
-            model.sample(lr_image[start : start + BATCH], steps, generator)
-            for start in range(0, len(lr_image), BATCH)
-        ]
-    )
+    return sample_set(model, lr_image, steps, cfg.train.seed, reference=False)
 
 
 @torch.no_grad()

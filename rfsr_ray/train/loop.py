@@ -195,6 +195,13 @@ def _resume_folder(run_dir: str) -> str | None:
     return _from_rank_zero(str(newest) if newest is not None else None)
 
 
+def _world_size() -> int:
+    """Ranks in the torch.distributed group (1 outside it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def _from_rank_zero(value: str | None) -> str | None:
     """Rank 0's `value` on every rank (just `value` outside torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -290,8 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     no_sync = _wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
     validator = None
-    if rank == 0 and context.val_set is not None:
-        validator = Validator(cfg, context.val_set, state.losses, device)
+    if context.val_set is not None:  # every rank samples its share of each validation
+        validator = Validator(cfg, context.val_set, state.losses, device, rank, _world_size())
         if state.step == 0:
             _validate(state, validator, context, cfg)
     with contextlib.ExitStack() as stack:
@@ -455,10 +462,14 @@ def _report_with_checkpoint(
 def _validate(
     state: TrainState, validator: Validator, context: LoopContext, cfg: RFSRConfig
 ) -> dict[str, float]:
-    """Validate the EMA weights against the base model (rank 0); log and return the metrics."""
+    """Validate the EMA weights against the base model; every rank samples its share, rank 0
+    scores, logs and returns the metrics (the other ranks return none)."""
     base = validator.base(state.model)  # sampled and scored at the first validation only
     with ema_weights(state):
-        current, grid = validator.run(state.model)
+        result = validator.run(state.model)
+    if result is None or base is None:  # not rank 0
+        return {}
+    current, grid = result
     console = context.board is not None  # the driver prints the validation line
     metrics = _validation_metrics(validator, base, current, cfg, state.step, console)
     bicubic = validator.bicubic_metrics

@@ -1,6 +1,11 @@
 """Validation on a fixed held-out pair set: full N-step sampling of the EMA model, fidelity
 metrics, every configured reward, the Gram distance to the base model, a labelled sample grid,
-and the final bicubic | base | fine-tuned table."""
+and the final bicubic | base | fine-tuned table.
+
+Sampling is sharded: the set is cut into batches of `VALIDATION_BATCH`, each rank samples every
+world-th batch with that batch's own seeded generator, and rank 0 gathers the outputs and scores
+them. So no rank idles through a validation, and the numbers do not depend on the world size.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from rfsr_ray.iqa import create_metric
 from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.train.monitor import HackingMonitor
+
+VALIDATION_BATCH = 4  # samples per model.sample call; each batch has its own noise stream
 
 # Direction of each validation metric, for tables (↑ higher is better).
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "gram_to_base": False}
@@ -45,8 +52,43 @@ class ValidationSet:
         return to_tensor(self.lr, device), to_tensor(self.hr, device)
 
 
+def sample_set(
+    model: ISRDiffusionModel,
+    lr_image: torch.Tensor,
+    num_inference_steps: int,
+    seed: int,
+    reference: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> torch.Tensor | None:
+    """SR of the whole validation set `lr_image` (N, 3, h, w), sampled as validation samples it:
+    batch b (samples 4b..4b+3) from the generator `validation`/b, on rank b mod `world`. With
+    `world` > 1 (inside torch.distributed) every rank must call it; rank 0 gets the whole set
+    gathered in order, the other ranks None."""
+    count = len(lr_image)
+    batches = range(rank, -(-count // VALIDATION_BATCH), world)
+    device = lr_image.device
+    mine = {}
+    for batch in batches:
+        chunk = lr_image[batch * VALIDATION_BATCH : (batch + 1) * VALIDATION_BATCH]
+        generator = seeds.torch_generator(seed, "validation", batch, device=device)
+        mine[batch] = model.sample(chunk, num_inference_steps, generator, reference=reference)
+    if world == 1:
+        return torch.cat([mine[batch] for batch in sorted(mine)])
+    gathered: list | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object({b: x.cpu() for b, x in mine.items()}, gathered, dst=0)
+    if rank != 0:
+        return None
+    merged = {batch: sr for shard in gathered for batch, sr in shard.items()}
+    return torch.cat([merged[batch] for batch in sorted(merged)]).to(device)
+
+
 class Validator:
-    """Computes validation metrics; the base model's outputs are sampled once and cached."""
+    """Computes validation metrics; the base model's outputs are sampled once and cached.
+
+    Every rank of a run holds one and calls `base` and `run` at the same steps (sampling is a
+    collective, `sample_set`); only rank 0 (`scoring`) scores, draws and returns metrics.
+    """
 
     def __init__(
         self,
@@ -54,10 +96,18 @@ class Validator:
         val_set: ValidationSet,
         losses: RFSRLosses | None,
         device: torch.device,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.cfg = cfg
         self.lr, self.hr = val_set.tensors(device)
         self.device = device
+        self.rank, self.world = rank, world
+        self.scoring = rank == 0
+        self.base_sampled = False
+        self.last: dict[str, float] | None = None  # metrics of the latest `run` (rank 0)
+        if not self.scoring:
+            return
         self.psnr = create_metric("psnr", device)
         self.ssim = create_metric("ssim", device)
         self.rewards = list(losses.rewards) if losses is not None else []
@@ -77,23 +127,19 @@ class Validator:
         self.base_sr: torch.Tensor | None = None
         self.base_scores: dict[str, np.ndarray] | None = None  # per sample, like bicubic_scores
         self.base_metrics: dict[str, float] | None = None
-        self.last: dict[str, float] | None = None  # metrics of the latest `run`
         self.last_scores: dict[str, np.ndarray] | None = None  # per sample, of the latest `run`
 
-    def _sample(self, model: ISRDiffusionModel, reference: bool) -> torch.Tensor:
-        # A fixed seed: every validation sees the same x_T, so changes come from the weights.
-        generator = seeds.torch_generator(self.cfg.train.seed, "validation", device=self.device)
-        outputs = []
-        for start in range(0, len(self.lr), 4):
-            outputs.append(
-                model.sample(
-                    self.lr[start : start + 4],
-                    self.cfg.schedule.num_inference_steps,
-                    generator,
-                    reference=reference,
-                )
-            )
-        return torch.cat(outputs)
+    def _sample(self, model: ISRDiffusionModel, reference: bool) -> torch.Tensor | None:
+        # Seeded per batch: every validation sees the same x_T, so changes come from the weights.
+        return sample_set(
+            model,
+            self.lr,
+            self.cfg.schedule.num_inference_steps,
+            self.cfg.train.seed,
+            reference,
+            self.rank,
+            self.world,
+        )
 
     @torch.no_grad()
     def scores(self, sr: torch.Tensor) -> dict[str, np.ndarray]:
@@ -117,25 +163,28 @@ class Validator:
             values["gram_to_base"] = float(self.gram(sr, self.base_sr))
         return values
 
-    def base(self, model: ISRDiffusionModel) -> dict[str, float]:
-        """Metrics of the frozen original model: sampled and scored at the first call only.
-
-        Its `gram_to_base` is 0 by definition (the base against itself).
-        """
-        if self.base_metrics is None:
+    def base(self, model: ISRDiffusionModel) -> dict[str, float] | None:
+        """Metrics of the frozen original model: sampled and scored at the first call only
+        (None on ranks other than 0). Its `gram_to_base` is 0 by definition."""
+        if not self.base_sampled:
             self.base_sr = self._sample(model, reference=True)
-            self.base_scores = self.scores(self.base_sr)
-            self.base_metrics = self._summary(self.base_scores, self.base_sr)
-        return self.base_metrics
+            self.base_sampled = True
+            if self.scoring:
+                self.base_scores = self.scores(self.base_sr)
+                self.base_metrics = self._summary(self.base_scores, self.base_sr)
+        return self.base_metrics if self.scoring else None
 
-    def run(self, model: ISRDiffusionModel) -> tuple[dict[str, float], np.ndarray]:
-        """Metrics of `model` as it is now (load EMA weights before calling) and a sample grid.
+    def run(self, model: ISRDiffusionModel) -> tuple[dict[str, float], np.ndarray] | None:
+        """Metrics of `model` as it is now (load EMA weights before calling) and a sample grid
+        (None on ranks other than 0).
 
         The Gram distance and the grid compare against the base outputs, so call `base` first.
         """
-        if self.base_sr is None:
+        if not self.base_sampled:
             raise RuntimeError("sample the base model (Validator.base) before validating")
         sr = self._sample(model, reference=False)
+        if not self.scoring:
+            return None
         self.last_scores = self.scores(sr)
         self.last = self._summary(self.last_scores, sr)
         return self.last, self.grid(sr, self.last_scores)
