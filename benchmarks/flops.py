@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import math
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +47,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.latent_step import real_model
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.config.load import load_config
 from rfsr_ray.losses.gram import GramRegulariser
@@ -55,6 +55,11 @@ from rfsr_ray.losses.structure import StructureLoss
 from rfsr_ray.models.diffusion import checked_timesteps
 from rfsr_ray.models.tiny import build_tiny
 from rfsr_ray.schedule import resolve_windows
+
+# Run as a script (`python benchmarks/flops.py`) or imported as `benchmarks.flops` (tests):
+# either way its sibling module is importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latent_step import real_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -290,9 +295,16 @@ def loss_parts(
 
 
 def model_parts(
-    model: nn.Module, cfg: RFSRConfig, lr: torch.Tensor, autocast: Region, latent_family: bool
+    model: nn.Module,
+    cfg: RFSRConfig,
+    lr: torch.Tensor,
+    autocast: Region,
+    latent_family: bool,
+    crop_latent: int | None = None,
 ) -> list[Part]:
-    """Condition/x_T, the rollout, the gradient model call, the decode and the reference."""
+    """Condition/x_T, the rollout, the gradient model call, the decode and the reference;
+    `crop_latent`: decode only a window of this many latent pixels (`losses.decode_crop`)."""
+    window = (..., slice(0, crop_latent), slice(0, crop_latent))  # the whole latent when None
     model.train()
     windows = resolve_windows(cfg).windows
     timesteps = checked_timesteps(model.scheduler, cfg.schedule.num_inference_steps, "cpu")
@@ -314,11 +326,11 @@ def model_parts(
 
     def decode() -> torch.Tensor:
         with autocast():
-            return model.decode(latent.detach().clone().requires_grad_(True))
+            return model.decode(latent[window].detach().clone().requires_grad_(True))
 
     def reference() -> None:
         with autocast():
-            model.decode(model.predict_x0(latent, grad_t, condition, reference=True))
+            model.decode(model.predict_x0(latent, grad_t, condition, reference=True)[window])
 
     def start() -> None:
         model.start_latent(condition, None)
@@ -418,6 +430,22 @@ def cost_table(cost: FamilyCost) -> list[str]:
     return lines
 
 
+def crop_table(costs: dict[str, FamilyCost], crop: int) -> list[str]:
+    """Expected GFLOPs per micro-batch without and with `losses.decode_crop`, and the ratio."""
+    lines = [f"\n### losses.decode_crop={crop}: expected GFLOPs per micro-batch, 512² HR\n"]
+    lines += ["| family | mode | whole image | decode_crop | speed-up (FLOPs) |", "|---" * 5 + "|"]
+    for family, whole in costs.items():
+        cropped = family_cost(family, decode_crop=crop)
+        for mode in ("trajectory", "one_step"):
+            before = float(whole.per_index(mode) @ whole.probabilities)
+            after = float(cropped.per_index(mode) @ cropped.probabilities)
+            lines.append(
+                f"| {family} | {mode} | {before / 1e9:,.0f} | {after / 1e9:,.0f} "
+                f"| {before / after:.2f}× |"
+            )
+    return lines
+
+
 def floor_table(cost: FamilyCost) -> list[str]:
     """Floor (FLOPs / peak) per micro-batch and per optimiser step under DDP."""
     p, accum = cost.probabilities, cost.grad_accum
@@ -438,14 +466,21 @@ def floor_table(cost: FamilyCost) -> list[str]:
     return lines
 
 
-def family_cost(family: str, hr_size: int = 512) -> FamilyCost:
-    """Counts on the meta device for a released architecture with its reference recipe."""
+VAE_FACTOR = {"sd_upscaler": 4, "controlnet_sr": 8}  # HR pixels per latent pixel
+
+
+def family_cost(family: str, hr_size: int = 512, decode_crop: int | None = None) -> FamilyCost:
+    """Counts on the meta device for a released architecture with its reference recipe;
+    `decode_crop` (HR pixels): the decode, the reference decode and the losses see a window of
+    that side, as `losses.decode_crop` makes them."""
     cfg = load_config(RECIPES[family])
     meta = torch.device("meta")
     model = build_latent(family, cfg, meta)
     lr = torch.rand(1, 3, hr_size // cfg.data.scale, hr_size // cfg.data.scale, device=meta)
-    hr = torch.rand(1, 3, hr_size, hr_size, device=meta)
-    parts = model_parts(model, cfg, lr, contextlib.nullcontext, latent_family=True)
+    side = decode_crop or hr_size
+    hr = torch.rand(1, 3, side, side, device=meta)
+    crop_latent = decode_crop // VAE_FACTOR[family] if decode_crop else None
+    parts = model_parts(model, cfg, lr, contextlib.nullcontext, True, crop_latent)
     with meta:
         structure = StructureLoss(cfg.losses.structure)
         gram = GramRegulariser(cfg.losses.gram.model_copy(update={"allow_random_vgg": True}))
@@ -687,12 +722,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="for --measure: cpu (tiny), cuda (real)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory estimate")
+    parser.add_argument(
+        "--decode-crop", type=int, default=256, help="losses.decode_crop to compare (HR px; 0: no)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
+    costs = {}
     for family in RECIPES:
-        cost = family_cost(family)
+        costs[family] = cost = family_cost(family)
         print("\n".join(cost_table(cost) + floor_table(cost)))
+    if args.decode_crop:
+        print("\n".join(crop_table(costs, args.decode_crop)))
     print(f"\n(counted in {time.perf_counter() - started:.1f} s)")
     if not args.no_memory:
         for family in RECIPES:

@@ -114,7 +114,8 @@ def tiny_model(family: str, cfg) -> torch.nn.Module:
     return ControlNetSRModel(*parts, controlnet=pipe.controlnet)
 
 
-def make_config(family: str, finetune: str, args: argparse.Namespace):
+def make_config(family: str, finetune: str, args: argparse.Namespace, **losses: object):
+    """The reference step's config; `losses` adds keys to the `losses` section."""
     model = {
         "family": family,
         "pretrained": args.pretrained or "unused",
@@ -127,21 +128,29 @@ def make_config(family: str, finetune: str, args: argparse.Namespace):
     return build_config(
         {
             "model": model,
-            "schedule": {"num_inference_steps": args.inference_steps},
+            "schedule": {
+                "num_inference_steps": args.inference_steps,
+                "mode": getattr(args, "mode", "trajectory"),
+            },
             "losses": {
                 "structure": {"window": [0, 19]},
                 "reward": {"window": [40, 49], "terms": [{"name": "gmsd"}]},
                 "gram": {"window": [40, 49], "allow_random_vgg": True},
+                **losses,
             },
             "train": {"mixed_precision": args.precision, "batch_size": 1, "grad_accum": 1},
         }
     )
 
 
-def measure(family: str, finetune: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(samples/s, peak GPU memory in GiB or nan) over `args.steps` steps after 2 warm-ups."""
+def measure(
+    family: str, finetune: str, args: argparse.Namespace, **losses: object
+) -> tuple[float, float]:
+    """(samples/s, peak GPU memory in GiB or nan) over `args.steps` steps after 2 warm-ups;
+    `losses`: extra `losses` keys (e.g. decode_crop). The index sequence depends only on the
+    seed, so two calls with the same arguments see the same indices."""
     device = torch.device(args.device)
-    cfg = make_config(family, finetune, args)
+    cfg = make_config(family, finetune, args, **losses)
     torch.manual_seed(0)
     if args.pretrained:
         model = build_model(cfg.model, 4)

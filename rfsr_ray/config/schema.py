@@ -603,6 +603,12 @@ class LossesConfig(StrictModel):
     reward: RewardLossConfig = RewardLossConfig()
     gram: GramLossConfig = GramLossConfig()
     monitor: HackingMonitorConfig = HackingMonitorConfig()
+    decode_crop: int | None = Field(
+        None,
+        ge=8,
+        description="HR pixels: decode x̂0 with gradient only on a random square crop of this side "
+        "(the HR, LR and Gram reference cropped to match, seeded); null decodes the whole image",
+    )
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -977,6 +983,13 @@ class RFSRConfig(StrictModel):
         weights = self.schedule.window_weights
         if all(weights.get(name, 1.0) == 0 for name in windows):
             raise ValueError(f"schedule.window_weights={weights} leave no index to sample; use > 0")
+        crop, patch, scale = self.losses.decode_crop, self.data.patch_size, self.data.scale
+        if crop is not None and (crop > patch or crop % scale):
+            fixed = min(patch, crop - crop % scale)
+            raise ValueError(
+                f"losses.decode_crop={crop} must be at most data.patch_size={patch} and a "
+                f"multiple of data.scale={scale}, e.g. {fixed}"
+            )
         monitor = self.losses.monitor
         optimised = {term.name for term in self.losses.reward.terms}
         explicit = monitor.held_out if monitor.enabled and monitor.held_out else ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,14 +89,82 @@ def rfsr_loss(
         model, condition, timesteps, index, cfg.schedule.mode, generator, autocast
     )
     timestep = timesteps[index]
+    hr_image, lr_image = batch.hr_image, batch.lr_image
     with autocast():
-        sr_image = model.decode(model.predict_x0(latent, timestep, condition))
+        x0 = model.predict_x0(latent, timestep, condition)
+    window = None
+    if cfg.losses.decode_crop is not None:
+        window = decode_window(x0, hr_image, lr_image, cfg.losses.decode_crop, generator)
+        x0, hr_image, lr_image = window.latent(x0), window.hr(hr_image), window.lr(lr_image)
+    with autocast():
+        sr_image = model.decode(x0)
     reference = None
     if losses.needs_reference and "gram" in losses.windows.active(index):
         with torch.no_grad(), autocast():
-            reference = model.decode(model.predict_x0(latent, timestep, condition, reference=True))
-    total, terms = losses(index, sr_image, batch.hr_image, batch.lr_image, reference, batch.prompts)
+            x0_reference = model.predict_x0(latent, timestep, condition, reference=True)
+            reference = model.decode(window.latent(x0_reference) if window else x0_reference)
+    total, terms = losses(index, sr_image, hr_image, lr_image, reference, batch.prompts)
     return StepOutput(total, terms, index)
+
+
+@dataclass(frozen=True)
+class DecodeWindow:
+    """One square window in the three resolutions of a step: latent, HR and LR (top, left and
+    side in each's own pixels)."""
+
+    top: int  # in latent pixels
+    left: int
+    side: int
+    hr_per_latent: int
+    scale: int  # HR pixels per LR pixel
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.top : self.top + self.side, self.left : self.left + self.side]
+
+    def hr(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.hr_per_latent
+        return x[
+            ...,
+            self.top * f : (self.top + self.side) * f,
+            self.left * f : (self.left + self.side) * f,
+        ]
+
+    def lr(self, x: torch.Tensor) -> torch.Tensor:
+        f, s = self.hr_per_latent, self.scale
+        top, left, side = self.top * f // s, self.left * f // s, self.side * f // s
+        return x[..., top : top + side, left : left + side]
+
+
+def decode_window(
+    x0: torch.Tensor,
+    hr_image: torch.Tensor,
+    lr_image: torch.Tensor,
+    crop: int,
+    generator: torch.Generator | None,
+) -> DecodeWindow:
+    """A random window of `crop` HR pixels (`losses.decode_crop`) aligned so that it is whole in
+    the latent (x̂0 before decoding), the HR and the LR image; drawn from `generator`.
+
+    The latent-to-HR factor is read from the shapes (1 for pixel-space families, the VAE's 4 or 8
+    for latent ones), so no family has to declare it.
+    """
+    hr_per_latent = hr_image.shape[-1] // x0.shape[-1]
+    scale = hr_image.shape[-1] // lr_image.shape[-1]
+    unit = math.lcm(hr_per_latent, scale)  # HR pixels: window edges on whole latent and LR pixels
+    if crop % unit:
+        raise ConfigError(
+            f"losses.decode_crop={crop} must be a multiple of {unit} HR pixels for this model "
+            f"(one latent pixel is {hr_per_latent} HR pixels, one LR pixel {scale}); "
+            f"e.g. {max(unit, crop - crop % unit)}"
+        )
+    height, width = hr_image.shape[-2:]
+    positions = [(size - crop) // unit + 1 for size in (height, width)]
+    device = generator.device if generator is not None else torch.device("cpu")
+    top, left = (
+        int(torch.randint(count, (1,), generator=generator, device=device)) * unit // hr_per_latent
+        for count in positions
+    )
+    return DecodeWindow(top, left, crop // hr_per_latent, hr_per_latent, scale)
 
 
 def denoise_loss(
