@@ -131,6 +131,7 @@ def make_config(family: str, finetune: str, args: argparse.Namespace, **losses: 
             "schedule": {
                 "num_inference_steps": args.inference_steps,
                 "mode": getattr(args, "mode", "trajectory"),
+                "buffer": {"refresh_every": getattr(args, "refresh_every", 4)},
             },
             "losses": {
                 "structure": {"window": [0, 19]},

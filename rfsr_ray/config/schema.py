@@ -73,6 +73,7 @@ __all__ = [
     "TinyModelConfig",
     "TrackingConfig",
     "TrainConfig",
+    "TrajectoryBufferConfig",
     "TuneConfig",
     "ValObjectiveConfig",
     "Window",
@@ -632,9 +633,21 @@ class SplitConfig(StrictModel):
 NonNegative = Annotated[float, Field(ge=0)]
 
 
+class TrajectoryBufferConfig(StrictModel):
+    """`schedule.mode: trajectory_buffer`: each worker rolls out the real sampler (no gradient)
+    for the pairs of one optimiser step, keeps x_t at every loss-window index, and serves the
+    next `refresh_every` optimiser steps from them, each micro-batch at a freshly drawn index."""
+
+    refresh_every: int = Field(4, ge=1, description="optimiser steps served by one rollout")
+    max_mib: float = Field(
+        2048.0, gt=0, description="refuse a buffer larger than this (MiB per worker)"
+    )
+
+
 class ScheduleConfig(StrictModel):
     num_inference_steps: int = Field(50, ge=2, le=1000)
-    mode: Literal["trajectory", "one_step"] = "trajectory"
+    mode: Literal["trajectory", "one_step", "trajectory_buffer"] = "trajectory"
+    buffer: TrajectoryBufferConfig = TrajectoryBufferConfig()
     split: SplitConfig | None = None
     window_weights: dict[Literal["structure", "reward", "gram"], Annotated[float, Field(ge=0)]] = (
         Field(

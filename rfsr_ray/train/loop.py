@@ -338,7 +338,9 @@ def _train(
     while state.step < cfg.train.steps:
         started = time.perf_counter()
         micro_batches = []
-        for _ in range(cfg.train.grad_accum):
+        if state.buffer is not None and not state.buffer.stale(state.step):
+            micro_batches = state.buffer.batches()  # served from the last rollout: no new pairs
+        for _ in range(cfg.train.grad_accum - len(micro_batches)):
             batch, epoch = _next_batch(stream)
             progress.data_epoch = max(progress.data_epoch, epoch)
             micro_batches.append(batch)

@@ -8,6 +8,7 @@ mode), predict x̂0 with gradient, decode, and apply the losses active at that i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from rfsr_ray import seeds
-from rfsr_ray.config import RFSRConfig, TrainConfig
+from rfsr_ray.config import RFSRConfig, TrainConfig, TrajectoryBufferConfig
 from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.diffusion import run_sampler
@@ -66,7 +67,7 @@ def latent_at_index(
     """x_t at sampler index `index`: the real sampler run without gradient from x_T (trajectory
     mode, ReFL) or x_T itself whatever the index (one_step mode, the reference code's)."""
     latent = model.start_latent(condition, generator)
-    if mode == "trajectory":
+    if mode != "one_step":  # trajectory (and trajectory_buffer, which rolls out the same way)
         step = functools.partial(model.sampler_step, condition=condition, generator=generator)
         with torch.no_grad(), autocast():
             latent = run_sampler(step, latent, timesteps[:index])
@@ -88,7 +89,23 @@ def rfsr_loss(
     latent = latent_at_index(
         model, condition, timesteps, index, cfg.schedule.mode, generator, autocast
     )
-    timestep = timesteps[index]
+    return gradient_step(model, losses, batch, condition, latent, index, cfg, generator, autocast)
+
+
+def gradient_step(
+    model: ISRDiffusionModel,
+    losses: RFSRLosses,
+    batch: Batch,
+    condition: object,
+    latent: torch.Tensor,
+    index: int,
+    cfg: RFSRConfig,
+    generator: torch.Generator | None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> StepOutput:
+    """From x_t at sampler index `index` (`latent`): predict x̂0 with gradient, decode (a
+    `losses.decode_crop` window of it), and apply the losses active at `index`."""
+    timestep = model.set_timesteps(cfg.schedule.num_inference_steps)[index]
     hr_image, lr_image = batch.hr_image, batch.lr_image
     with autocast():
         x0 = model.predict_x0(latent, timestep, condition)
@@ -272,6 +289,90 @@ def build_ema(parameters: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> EMA
 
 
 @dataclass
+class Trajectory:
+    """One micro-batch's rollout: its pairs, its condition and x_t at each loss-window index."""
+
+    batch: Batch
+    condition: object
+    latents: dict[int, torch.Tensor]
+    made_at: int  # the optimiser step that rolled it out
+
+
+class TrajectoryBuffer:
+    """`schedule.mode: trajectory_buffer`. At a refresh the worker rolls out the real sampler
+    without gradient, batched, for the pairs of that optimiser step's micro-batches, keeping x_t
+    at every index a loss window holds; the next `refresh_every` optimiser steps are served from
+    it (micro-batch j from trajectory j, at a freshly drawn index), so one rollout feeds several
+    gradient steps at several indices. Not checkpointed: a resumed run rolls out again."""
+
+    def __init__(self, cfg: TrajectoryBufferConfig, indices: Sequence[int]) -> None:
+        self.cfg = cfg
+        self.indices = sorted(int(i) for i in indices)
+        self.entries: list[Trajectory] = []
+        self.mib = 0.0
+
+    def stale(self, step: int) -> bool:
+        """Whether optimiser step `step` must roll out afresh (empty, or `refresh_every` old)."""
+        return not self.entries or step - self.entries[0].made_at >= self.cfg.refresh_every
+
+    def batches(self) -> list[Batch]:
+        """The pairs the buffer serves, one batch per micro-batch."""
+        return [entry.batch for entry in self.entries]
+
+    @torch.no_grad()
+    def refill(
+        self,
+        model: ISRDiffusionModel,
+        micro_batches: Sequence[Batch],
+        cfg: RFSRConfig,
+        generator: torch.Generator | None,
+        step: int,
+        autocast: Autocast = contextlib.nullcontext,
+    ) -> None:
+        """Roll out each micro-batch from x_T to the deepest window index; keep x_t at every
+        window index. The draws from `generator` are trajectory mode's (condition, x_T, sampler
+        steps), so with one index per trajectory the loss equals trajectory mode's."""
+        timesteps = model.set_timesteps(cfg.schedule.num_inference_steps)
+        wanted, deepest = set(self.indices), max(self.indices)
+        entries = []
+        for batch in micro_batches:
+            condition = model.condition(batch.lr_image, generator, batch.prompts, mode="train")
+            latent = model.start_latent(condition, generator)
+            kept = {}
+            with autocast():
+                for index in range(deepest + 1):
+                    if index in wanted:
+                        kept[index] = latent
+                    if index < deepest:
+                        latent = model.sampler_step(
+                            latent, timesteps[index], condition=condition, generator=generator
+                        )
+            entries.append(Trajectory(batch, condition, kept, step))
+        mib = sum(_tensor_bytes((e.batch, e.condition, e.latents)) for e in entries) / 2**20
+        if mib > self.cfg.max_mib:
+            raise ConfigError(
+                f"the trajectory buffer needs {mib:.0f} MiB per worker ({len(entries)} "
+                f"micro-batches × {len(wanted)} window indices of x_t, with pairs and conditions), "
+                f"over schedule.buffer.max_mib={self.cfg.max_mib:g}; raise it, or lower "
+                "train.grad_accum, train.batch_size or the number of window indices"
+            )
+        self.entries, self.mib = entries, mib
+
+
+def _tensor_bytes(value: object) -> int:
+    """Bytes of the tensors inside `value` (tensors, sequences, mappings, dataclasses)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+@dataclass
 class TrainState:
     model: ISRDiffusionModel
     losses: RFSRLosses | None
@@ -285,6 +386,7 @@ class TrainState:
     skipped_steps: int = 0
     nonfinite_streak: int = 0
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    buffer: TrajectoryBuffer | None = None  # schedule.mode=trajectory_buffer
 
 
 @dataclass
@@ -309,6 +411,8 @@ def optimizer_step(
     stay identical); `train.max_nonfinite_steps` consecutive skips raise `TrainingError`.
     """
     state.optimizer.zero_grad(set_to_none=True)
+    if state.buffer is not None and state.buffer.stale(state.step):
+        state.buffer.refill(state.model, micro_batches, cfg, state.generator, state.step, autocast)
     outputs = []
     for position, batch in enumerate(micro_batches):
         # Gradients are all-reduced once, on the last micro-batch. DDP decides in the *forward*
@@ -316,7 +420,7 @@ def optimizer_step(
         # forward and its backward inside no_sync.
         last = position == len(micro_batches) - 1
         with contextlib.nullcontext() if last else no_sync():
-            output = _forward(state, batch, cfg, autocast)
+            output = _forward(state, batch, cfg, autocast, position)
             _backward(state, output.loss / len(micro_batches))
         outputs.append(output)
     grad_norm = _clip_gradients(state, cfg)
@@ -337,13 +441,33 @@ def optimizer_step(
     )
 
 
-def _forward(state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast) -> StepOutput:
-    """The loss of one micro-batch (`train.loss`), at a freshly sampled index for RFSR."""
+def _forward(
+    state: TrainState, batch: Batch, cfg: RFSRConfig, autocast: Autocast, position: int = 0
+) -> StepOutput:
+    """The loss of one micro-batch (`train.loss`), at a freshly sampled index for RFSR; in
+    trajectory_buffer mode from the buffer's trajectory `position` (which holds `batch`'s pairs),
+    with its staleness and the buffer's size as terms."""
     if cfg.train.loss != "rfsr":
         return denoise_loss(state.model, batch, state.generator, autocast)
     assert state.losses is not None  # built for train.loss=rfsr
     index = state.losses.windows.sample(state.index_rng)
-    return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
+    if state.buffer is None:
+        return rfsr_loss(state.model, state.losses, batch, index, cfg, state.generator, autocast)
+    entry = state.buffer.entries[position]
+    output = gradient_step(
+        state.model,
+        state.losses,
+        entry.batch,
+        entry.condition,
+        entry.latents[index],
+        index,
+        cfg,
+        state.generator,
+        autocast,
+    )
+    output.terms["buffer_staleness"] = torch.tensor(float(state.step - entry.made_at))
+    output.terms["buffer_mib"] = torch.tensor(state.buffer.mib)
+    return output
 
 
 def _backward(state: TrainState, loss: torch.Tensor) -> None:
@@ -426,6 +550,10 @@ def build_state(
     scaler = None
     if cfg.train.mixed_precision == "fp16" and device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    buffer = None
+    if losses is not None and cfg.schedule.mode == "trajectory_buffer":
+        indices = np.flatnonzero(losses.windows.probabilities)  # every index a window holds
+        buffer = TrajectoryBuffer(cfg.schedule.buffer, indices)
     return TrainState(
         model,
         losses,
@@ -436,4 +564,5 @@ def build_state(
         generator,
         scaler=scaler,
         params=params,
+        buffer=buffer,
     )
