@@ -1,8 +1,10 @@
 """One RFSR (or denoising) optimisation step, independent of Ray.
 
 `rfsr_loss` is METHOD.md section 2: reach the latent at the sampled index (trajectory or one-step
-mode), predict x̂0 with gradient, decode, and apply the losses active at that index.
-`optimizer_step` wraps micro-batches, accumulation, clipping, the non-finite guard and EMA.
+mode), then `gradient_step`: predict x̂0 with gradient, decode (optionally a `decode_window`),
+and apply the losses active at that index. `TrajectoryBuffer` serves that gradient step from a
+stored rollout (trajectory_buffer mode). `optimizer_step` wraps micro-batches, accumulation,
+clipping, the non-finite guard and EMA.
 """
 
 from __future__ import annotations
