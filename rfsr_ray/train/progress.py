@@ -66,6 +66,7 @@ class ConsoleProgress:
     _bar: tqdm | None = None
     _step: int = 0
     _started: float = 0.0
+    _first: tuple[int, float] | None = None  # the first step seen, and when
     _next_line: int = 0
 
     def __enter__(self) -> ConsoleProgress:
@@ -118,6 +119,8 @@ class ConsoleProgress:
 
     def _advance(self, step: int, metrics: dict[str, float]) -> None:
         postfix = bar_postfix(metrics)
+        if self._first is None:
+            self._first = (step, time.monotonic())
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(postfix, refresh=True)
@@ -127,9 +130,14 @@ class ConsoleProgress:
         self._step = step
 
     def _status(self, step: int) -> str:
-        """'step 40/120 (33%) · 0.52 steps/s · ETA 02:34', rate over this process's steps."""
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        rate = (step - self.start) / elapsed
+        """'step 40/120 (33%) · 0.52 steps/s · ETA 02:34': the rate since the first step this
+        process saw (worker start-up and the step-0 validation would make the first ETAs
+        several times too long), since the start until a second step arrives."""
+        now = time.monotonic()
+        if self._first is not None and step > self._first[0]:
+            rate = (step - self._first[0]) / max(now - self._first[1], 1e-9)
+        else:
+            rate = (step - self.start) / max(now - self._started, 1e-9)
         eta = tqdm.format_interval((self.total - step) / rate) if rate > 0 else "?"
         done = f"step {step}/{self.total} ({step / self.total:.0%})"
         return f"{done} · {rate:.2g} steps/s · ETA {eta}"

@@ -38,6 +38,20 @@ def test_a_short_run_still_shows_its_last_step():
     assert lines[-1].startswith("step 3/3 (100%)")
 
 
+def test_the_rate_and_eta_count_from_the_first_step_not_from_start_up(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("rfsr_ray.train.progress.time.monotonic", lambda: clock[0])
+    stream = io.StringIO()
+    progress = ConsoleProgress(board=None, total=100, stream=stream)
+    progress._started = 900.0  # worker start-up and the step-0 validation took 100 s
+    progress._next_line = 10
+    step = {"kind": "step", "metrics": {"loss": 0.5}}
+    progress._render([{**step, "step": 1}])
+    clock[0] = 1018.0  # then 2 s per step
+    progress._render([{**step, "step": 10}])
+    assert stream.getvalue().startswith("step 10/100 (10%) · 0.5 steps/s · ETA 03:00")
+
+
 def test_bar_postfix_shows_the_loss_and_each_reward_score():
     assert bar_postfix({"loss": 0.25, "score_clipiqa": 0.5, "loss_gram": 1.0}) == (
         "loss 0.25 · clipiqa 0.5"
