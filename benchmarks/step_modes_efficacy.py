@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = {
     "trajectory": ["schedule.mode=trajectory"],
     "one_step": ["schedule.mode=one_step"],
-    "trajectory_buffer R=4": ["schedule.mode=trajectory_buffer", "schedule.buffer.refresh_every=4"],
+    "buffer_r4": ["schedule.mode=trajectory_buffer", "schedule.buffer.refresh_every=4"],
+    "decode_crop_64": ["schedule.mode=trajectory", "losses.decode_crop=64"],
 }
 
 
 def run(base: str, mode: list[str], seed: int, scratch: Path) -> tuple[str, float]:
-    name = f"{'_'.join(m.split('=')[1] for m in mode)}_seed{seed}"
+    name = f"{'_'.join(m.split('=')[1] for m in mode)}_seed{seed}".replace(".", "_")
     command = [sys.executable, "pipelines/finetune.py", "--config", "configs/demo.yaml",
                f"model.pretrained={base}", f"train.seed={seed}", *mode,
                f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}",
@@ -49,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="outputs/base/tiny_x4", help="the demo's base model")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args()
     base = str(Path(args.base).resolve())
     with tempfile.TemporaryDirectory() as folder:
@@ -56,7 +58,8 @@ def main() -> None:
         client = MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
         print("| mode | reward gain (mean ± std) | ΔPSNR dB (mean ± std) | per seed (reward) | s |")
         print("|---|---|---|---|---|")
-        for label, mode in MODES.items():
+        for label in args.modes:
+            mode = MODES[label]
             gains, psnr, seconds = [], [], []
             for seed in range(args.seeds):
                 run_id, took = run(base, mode, seed, scratch)
