@@ -36,7 +36,9 @@ class ProgressBoard:
 
 def post_step(board: Any, step: int, metrics: dict[str, float]) -> None:
     """Rank 0, every optimiser step: the step and its loss terms (fire and forget)."""
-    board.post.remote({"kind": "step", "step": step, "metrics": metrics})
+    # Stamped here: the driver polls twice a second and can see several steps at once, so its
+    # own clock would make a rate of thousands of steps/s from two steps drained together.
+    board.post.remote({"kind": "step", "step": step, "metrics": metrics, "time": time.time()})
 
 
 def post_line(board: Any, text: str) -> None:
@@ -66,14 +68,14 @@ class ConsoleProgress:
     _bar: tqdm | None = None
     _step: int = 0
     _started: float = 0.0
-    _first: tuple[int, float] | None = None  # the first step seen, and when
+    _first: tuple[int, float] | None = None  # the first step seen, and when rank 0 posted it
     _next_line: int = 0
 
     def __enter__(self) -> ConsoleProgress:
         if self.stream is None:
             self.stream = sys.stderr
         self._step = self.start
-        self._started = time.monotonic()
+        self._started = time.time()
         self._next_line = self.start + self._line_every()
         if self.stream.isatty():
             self._bar = tqdm(
@@ -109,7 +111,7 @@ class ConsoleProgress:
             if event["kind"] == "line":
                 self._write(event["text"])
             elif event["kind"] == "step":
-                self._advance(event["step"], event["metrics"])
+                self._advance(event["step"], event["metrics"], event.get("time", time.time()))
 
     def _write(self, text: str) -> None:
         if self._bar is not None:
@@ -117,27 +119,27 @@ class ConsoleProgress:
         else:
             print(text, file=self.stream, flush=True)
 
-    def _advance(self, step: int, metrics: dict[str, float]) -> None:
+    def _advance(self, step: int, metrics: dict[str, float], posted: float) -> None:
         postfix = bar_postfix(metrics)
         if self._first is None:
-            self._first = (step, time.monotonic())
+            self._first = (step, posted)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(postfix, refresh=True)
         elif step >= self._next_line or step >= self.total:
             self._next_line = step + self._line_every()
-            self._write(f"{self._status(step)} · {postfix}")
+            self._write(f"{self._status(step, posted)} · {postfix}")
         self._step = step
 
-    def _status(self, step: int) -> str:
+    def _status(self, step: int, posted: float) -> str:
         """'step 40/120 (33%) · 0.52 steps/s · ETA 02:34': the rate since the first step this
         process saw (worker start-up and the step-0 validation would make the first ETAs
-        several times too long), since the start until a second step arrives."""
-        now = time.monotonic()
+        several times too long), since the start until a second step arrives; times are when
+        rank 0 posted each step."""
         if self._first is not None and step > self._first[0]:
-            rate = (step - self._first[0]) / max(now - self._first[1], 1e-9)
+            rate = (step - self._first[0]) / max(posted - self._first[1], 1e-9)
         else:
-            rate = (step - self.start) / max(now - self._started, 1e-9)
+            rate = (step - self.start) / max(posted - self._started, 1e-9)
         eta = tqdm.format_interval((self.total - step) / rate) if rate > 0 else "?"
         done = f"step {step}/{self.total} ({step / self.total:.0%})"
         return f"{done} · {rate:.2g} steps/s · ETA {eta}"

@@ -38,18 +38,25 @@ def test_a_short_run_still_shows_its_last_step():
     assert lines[-1].startswith("step 3/3 (100%)")
 
 
-def test_the_rate_and_eta_count_from_the_first_step_not_from_start_up(monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr("rfsr_ray.train.progress.time.monotonic", lambda: clock[0])
+def test_the_rate_and_eta_count_from_the_first_step_not_from_start_up():
     stream = io.StringIO()
     progress = ConsoleProgress(board=None, total=100, stream=stream)
     progress._started = 900.0  # worker start-up and the step-0 validation took 100 s
     progress._next_line = 10
     step = {"kind": "step", "metrics": {"loss": 0.5}}
-    progress._render([{**step, "step": 1}])
-    clock[0] = 1018.0  # then 2 s per step
-    progress._render([{**step, "step": 10}])
+    progress._render([{**step, "step": 1, "time": 1000.0}])
+    progress._render([{**step, "step": 10, "time": 1018.0}])  # then 2 s per step
     assert stream.getvalue().startswith("step 10/100 (10%) · 0.5 steps/s · ETA 03:00")
+
+
+def test_steps_drained_together_keep_the_rate_of_when_rank_0_posted_them():
+    stream = io.StringIO()
+    progress = ConsoleProgress(board=None, total=6, stream=stream)
+    progress._next_line = 1
+    # one poll finds three steps posted 10 s apart (the driver's clock would say 0 s apart)
+    events = [{"kind": "step", "step": s, "metrics": {}, "time": 10.0 * s} for s in (1, 2, 3)]
+    progress._render(events)
+    assert stream.getvalue().splitlines()[-1].startswith("step 3/6 (50%) · 0.1 steps/s · ETA 00:30")
 
 
 def test_bar_postfix_shows_the_loss_and_each_reward_score():
