@@ -221,8 +221,12 @@ class TinySRModel(TrainableWrappers, nn.Module):
             )
         info = json.loads((path / MODEL_INFO_FILE).read_text())
         unet = UNet2DModel.from_pretrained(path / "unet")
-        scheduler_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(sampler or "")
-        scheduler = (scheduler_cls or DDIMScheduler).from_pretrained(path / "scheduler")
+        # `sampler` None: the scheduler the folder saved (a sampler=ddpm model reloads as DDPM).
+        saved = DDIMScheduler.load_config(path / "scheduler").get("_class_name")
+        name = sampler or ("ddpm" if saved == "DDPMScheduler" else "ddim")
+        scheduler = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[name].from_pretrained(
+            path / "scheduler"
+        )
         # Exports from before `residual` existed predict x0 directly.
         return cls(unet, scheduler, int(info["scale"]), bool(info.get("residual", False)))
 
