@@ -3,8 +3,18 @@ tiny fine-tune, and the MLflow store those fine-tunes log to."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -12,6 +22,7 @@ from rfsr_ray.config import build_config
 from rfsr_ray.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def save_tiny_model(folder: Path, seed: int) -> Path:
@@ -79,3 +90,70 @@ def only_run(tmp_path: Path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     return client, runs[0]
+
+
+# ------------------------------------------------------------------ a second cluster
+def free_ports(count: int) -> list[int]:
+    """Ports free right now, so the head collides with no other cluster on the machine."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant (GCS, raylet, dashboard, workers): `ray stop --force`
+    for one cluster. Some of its processes outlived SIGTERM by 20 s; nothing here needs a graceful
+    stop."""
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=30)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str  # http://…, what `ray job submit --address` takes
+    gcs: str  # host:port, what a driver's RAY_ADDRESS takes
+
+
+@contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[RayHead]:
+    """A `ray start --head --block` cluster on free ports; yields its addresses. With
+    --block, every process of the cluster descends from the command, so stopping its process
+    tree stops this cluster and no other."""
+    gcs, dashboard, agent, client = free_ports(4)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rfsr_ray_job_"))  # short: it holds Unix sockets
+    log_path = temp_dir / "ray_start.log"
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    with log_path.open("w") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        # Printed once every process has started, before the command blocks.
+        while "block forever" not in log_path.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield RayHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}")
+    finally:
+        kill_process_tree(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
