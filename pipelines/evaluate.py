@@ -36,7 +36,7 @@ def report(outcome: EvalOutcome) -> None:
 def evaluate(cfg: RFSRConfig) -> int:
     # A local instance needs CPUs beyond the two actor pools (upscaling, scoring) for the tasks
     # that feed them; pools holding every CPU starve those tasks and the run hangs.
-    init_ray(max(os.cpu_count() or 1, 2 * cfg.eval.actors_per_model + 2))
+    init_ray(max(os.cpu_count() or 1, 2 * cfg.eval.actors_per_model + 2), cfg.model.py_modules)
     report(run_evaluation(cfg))
     return 0
 

@@ -48,7 +48,7 @@ def finetune(cfg: RFSRConfig) -> int:
             "its folder, or set model.pretrain_config to create one first"
         )
     find_resume(cfg)  # a rerun with a changed config is refused before Ray or a pretrain starts
-    init_ray(local_cpus(cfg))
+    init_ray(local_cpus(cfg), cfg.model.py_modules)
     ensure_base_model(cfg)
     check_base_model(cfg)
     report(run_training(cfg))

@@ -21,7 +21,7 @@ def pretrain(cfg: RFSRConfig) -> int:
     if cfg.train.loss != "denoise":
         raise ConfigError("pipelines/pretrain.py runs train.loss=denoise; set it in the config")
     find_resume(cfg)  # a rerun with a changed config is refused before Ray starts
-    init_ray(local_cpus(cfg))
+    init_ray(local_cpus(cfg), cfg.model.py_modules)
     outcome = run_training(cfg)
     print(f"\nexported model: {outcome.run_dir / 'model'}")
     if outcome.table:

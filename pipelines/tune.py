@@ -41,7 +41,7 @@ def tune(cfg: RFSRConfig) -> int:
     from rfsr_ray.tune.sweep import run_sweep
 
     validate_sweep(cfg)  # before Ray starts: a bad space costs no cluster time
-    init_ray(local_cpus(cfg, cfg.tune.max_concurrent_trials))
+    init_ray(local_cpus(cfg, cfg.tune.max_concurrent_trials), cfg.model.py_modules)
     ensure_base_model(cfg)
     check_base_model(cfg)
     outcome = run_sweep(cfg)

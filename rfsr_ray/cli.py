@@ -61,6 +61,11 @@ def config_from_args(args: argparse.Namespace) -> RFSRConfig | None:
     if getattr(args, "resume", False):
         overrides.append("output.allow_config_change=true")
     cfg = with_absolute_paths(load_config(args.config, overrides))
+    if cfg.model.family == "plugin" or cfg.model.py_modules:
+        # Imported only then: rfsr_ray.models loads torch and diffusers (seconds).
+        from rfsr_ray.models.plugin import check_plugin
+
+        check_plugin(cfg.model)  # a plug-in builder must import here, before Ray starts
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return None
@@ -76,16 +81,19 @@ def local_cpus(cfg: RFSRConfig, concurrent_runs: int = 1) -> int:
     return max(cores, math.ceil(concurrent_runs * (training + 2 * cfg.data.num_cpus)))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at $RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+def init_ray(num_cpus: int | None = None, py_modules: Sequence[str] = ()) -> None:
+    """Join the cluster at $RAY_ADDRESS (as under `ray job submit`), else start a local one.
+    `py_modules` (`model.py_modules`) are shipped to every worker of the job."""
     import ray
 
     if ray.is_initialized():
         return
+    shipped = {"py_modules": list(py_modules)} if py_modules else {}
     if os.environ.get("RAY_ADDRESS"):  # every worker process logs as the driver does
-        ray.init(log_to_driver=True, runtime_env=logs.ray_runtime_env(local_cluster=False))
+        runtime_env = {**logs.ray_runtime_env(local_cluster=False), **shipped}
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
-        runtime_env = logs.ray_runtime_env(local_cluster=True)
+        runtime_env = {**logs.ray_runtime_env(local_cluster=True), **shipped}
         # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
         # dashboard serves; without it the cleaner warns every few seconds.
         info = ray.init(

@@ -28,6 +28,7 @@ from typing import Literal
 from rfsr_ray import iqa
 from rfsr_ray.config import RewardConfig, RFSRConfig
 from rfsr_ray.errors import WeightsError
+from rfsr_ray.hub import looks_local
 from rfsr_ray.losses.gram import VGG19_URL, vgg19_file
 
 # pyiqa metrics that load no pretrained file.
@@ -69,10 +70,14 @@ def weights_needed(cfg: RFSRConfig, scope: Literal["train", "all"] = "all") -> l
 
 def _model_needs(cfg: RFSRConfig) -> list[WeightNeed]:
     model = cfg.model
-    if model.family == "tiny":
+    plugin_folder = model.pretrained is None or looks_local(model.pretrained)
+    if model.family == "tiny" or (model.family == "plugin" and plugin_folder):
+        # (a plug-in builder may also take a hub id: then it is a diffusers-style need below)
         if model.pretrained and model.pretrain_config is None:
             return [WeightNeed("model", model.pretrained, "model.pretrained")]
         return []
+    if model.family == "plugin":
+        return [WeightNeed("diffusers", model.pretrained, "model.pretrained", model.revision)]
     assert model.source is not None  # every latent family has one (schema)
     needs = [WeightNeed("diffusers", model.source, "model.pretrained", model.revision)]
     if model.family == "controlnet_sr" and model.controlnet_sr.controlnet:

@@ -108,8 +108,11 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def _absolute_field(value: str | None, marker: PathField, family: str) -> str | None:
-    """Folders made absolute; Hugging Face hub ids (`owner/name`) kept where allowed."""
+def _absolute_field(value: Any, marker: PathField, family: str) -> Any:
+    """Folders made absolute; Hugging Face hub ids (`owner/name`) kept where allowed; a tuple
+    of paths (`LocalPaths`) item by item."""
+    if isinstance(value, tuple):
+        return tuple(_absolute_field(item, marker, family) for item in value)
     hub_id_allowed = marker.kind == "hub_or_local" or (marker.kind == "model" and family != "tiny")
     if value is None or (hub_id_allowed and not looks_local(value)):
         return value

@@ -45,6 +45,7 @@ __all__ = [
     "KernelType",
     "LoRAConfig",
     "LocalPath",
+    "LocalPaths",
     "LossesConfig",
     "MemoryConfig",
     "ModelConfig",
@@ -115,6 +116,7 @@ LocalPath = Annotated[str, PathField()]
 OptionalLocalPath = Annotated[str | None, PathField()]
 HubOrLocalPath = Annotated[str | None, PathField("hub_or_local")]
 ModelSource = Annotated[str | None, PathField("model")]
+LocalPaths = Annotated[tuple[str, ...], PathField()]
 
 
 class StrictModel(BaseModel):
@@ -418,7 +420,25 @@ DEFAULT_HUB_IDS = {"sd_upscaler": "stabilityai/stable-diffusion-x4-upscaler"}
 
 
 class ModelConfig(StrictModel):
-    family: Literal["tiny", "sd_upscaler", "controlnet_sr"] = "tiny"
+    family: Literal["tiny", "sd_upscaler", "controlnet_sr", "plugin"] = Field(
+        "tiny",
+        description="a built-in family, or plugin: the ISRDiffusionModel that `builder` returns",
+    )
+    builder: str | None = Field(
+        None,
+        description="plugin: the Python name 'package.module:function' of "
+        "build(cfg: ModelConfig, scale: int, trainable: bool) -> ISRDiffusionModel",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="plugin: free mapping handed to the builder, which validates it",
+    )
+    py_modules: LocalPaths = Field(
+        (),
+        description="local package folders (or .whl/.zip files) Ray ships to every worker "
+        "(runtime_env py_modules) and the driver imports from: how a plugin reaches a cluster "
+        "that does not have it installed",
+    )
     pretrained: ModelSource = Field(
         None,
         description="folder of a saved model, or (latent families) a Hugging Face hub id",
@@ -444,8 +464,9 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _family_choices(self) -> ModelConfig:
-        choices = FINETUNE_CHOICES[self.family]
-        if self.finetune is not None and self.finetune not in choices:
+        self._check_plugin_keys()
+        choices = FINETUNE_CHOICES.get(self.family)  # a plugin's builder checks its own
+        if choices is not None and self.finetune is not None and self.finetune not in choices:
             raise ValueError(
                 f"model.finetune={self.finetune!r} is not available for family {self.family!r}; "
                 f"use one of {list(choices)}"
@@ -473,9 +494,32 @@ class ModelConfig(StrictModel):
             )
         return self
 
+    def _check_plugin_keys(self) -> None:
+        if self.family != "plugin":
+            if self.builder is not None or self.options:
+                raise ValueError(
+                    f"model.builder and model.options configure a plugin family, but "
+                    f"model.family={self.family!r}; set model.family=plugin or remove them"
+                )
+            return
+        module, _, attribute = (self.builder or "").partition(":")
+        if (
+            not module
+            or not attribute
+            or not all(part.isidentifier() for part in [*module.split("."), *attribute.split(".")])
+        ):
+            raise ValueError(
+                f"model.family=plugin needs model.builder='package.module:function' (the import "
+                f"path of the function that builds the model), not {self.builder!r}, e.g. "
+                "'ldm_sr_family:build'"
+            )
+
     @property
     def finetune_mode(self) -> str:
-        return self.finetune or FINETUNE_CHOICES[self.family][0]
+        """What trains: `finetune`, else the family's default (a plugin's builder: 'default')."""
+        if self.finetune is not None:
+            return self.finetune
+        return FINETUNE_CHOICES.get(self.family, ("default",))[0]
 
     @property
     def source(self) -> str | None:

@@ -10,7 +10,7 @@ from rfsr_ray.errors import WeightsError
 from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.models.tiny import MODEL_INFO_FILE, TinySRModel, build_tiny
 
-__all__ = ["ISRDiffusionModel", "build_model", "load_model"]
+__all__ = ["ISRDiffusionModel", "build_model", "load_model", "save_model"]
 
 
 def build_model(cfg: ModelConfig, scale: int, trainable: bool = True) -> ISRDiffusionModel:
@@ -27,6 +27,10 @@ def build_model(cfg: ModelConfig, scale: int, trainable: bool = True) -> ISRDiff
             from rfsr_ray.models.controlnet_sr import load_controlnet_sr
 
             return load_controlnet_sr(cfg, scale, trainable)
+        case "plugin":
+            from rfsr_ray.models.plugin import build_plugin
+
+            return build_plugin(cfg, scale, trainable)
     raise AssertionError(cfg.family)  # unreachable: the schema limits `family`
 
 
@@ -44,7 +48,22 @@ def load_model(path: str | Path) -> ISRDiffusionModel:
             return TinySRModel.from_pretrained(path)
         case "sd_upscaler" | "controlnet_sr":
             return _load_latent_export(Path(path), info)
+        case "plugin":
+            from rfsr_ray.models.plugin import load_plugin_export
+
+            return load_plugin_export(Path(path), info)
     raise WeightsError(f"{str(path)!r} holds unknown model family {info['family']!r}")
+
+
+def save_model(model: ISRDiffusionModel, cfg: ModelConfig, path: str | Path) -> Path:
+    """`model.save(path)`, plus, for a plug-in family, the record of its builder and options
+    in rfsr_model.json that `load_model` rebuilds it from."""
+    path = Path(model.save(path))
+    if cfg.family == "plugin":
+        from rfsr_ray.models.plugin import write_plugin_record
+
+        write_plugin_record(path, model, cfg, MODEL_INFO_FILE)
+    return path
 
 
 def _load_latent_export(path: Path, info: dict) -> ISRDiffusionModel:

@@ -357,7 +357,7 @@ def ensure_base_model(cfg: RFSRConfig) -> None:
 def check_base_model(cfg: RFSRConfig) -> None:
     """Fail on the driver, not inside every worker or trial, when the base model is unusable:
     a tiny model folder is loaded; a latent family's folder or hub id must be present or
-    downloadable (checked in seconds, never a hang)."""
+    downloadable (checked in seconds, never a hang); a plug-in model is built for inference."""
     if cfg.model.family == "tiny":
         if cfg.model.pretrained is not None:
             from rfsr_ray.models import load_model
@@ -365,3 +365,9 @@ def check_base_model(cfg: RFSRConfig) -> None:
             load_model(cfg.model.pretrained)
         return
     require_weights(cfg, where="the driver")
+    if cfg.model.family == "plugin":
+        # Built once for inference on the driver: bad options, a non-conforming object or an
+        # unusable folder fail here, once, not in every worker after Ray has started them.
+        from rfsr_ray.models import build_model
+
+        build_model(cfg.model, cfg.data.scale, trainable=False)

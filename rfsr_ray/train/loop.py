@@ -28,7 +28,7 @@ from PIL import Image
 from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.images import to_tensor
-from rfsr_ray.models import build_model
+from rfsr_ray.models import build_model, save_model
 from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.schedule import describe_timesteps
 from rfsr_ray.tracking import mlflow_run
@@ -589,7 +589,7 @@ def _export_model(state: TrainState, context: LoopContext, cfg: RFSRConfig) -> N
     model (a pyfunc that super-resolves; registered under `tracking.register_model` if set)."""
     export = Path(context.run_dir) / "model"
     with ema_weights(state):
-        state.model.save(export)
+        save_model(state.model, cfg.model, export)
     cfg.save(export / "config.yaml")
     if context.run is None:
         return
