@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/python pipelines/finetune.py --config configs/demo.yaml
 
-# Unit tests run in two pytest-xdist processes (one file per process at a time: module fixtures
-# are built once); integration tests share one local Ray cluster, so they run in one process.
-UNIT := $(VENV)/bin/python -m pytest -q -ra -n 2 --dist loadfile tests/unit
+# Unit tests (and the examples' own tests) run in two pytest-xdist processes (one file per process
+# at a time: module fixtures are built once); integration tests share one local Ray cluster, so
+# they run in one process.
+UNIT := $(VENV)/bin/python -m pytest -q -ra -n 2 --dist loadfile tests/unit examples
 
 test: $(STAMP)
 	$(UNIT)
