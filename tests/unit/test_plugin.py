@@ -168,3 +168,58 @@ def test_the_skeleton_passes_the_conformance_kit(tmp_path):
 def test_the_docs_carry_the_skeleton_as_it_is():
     docs = (ROOT / "docs" / "plugins.md").read_text()
     assert (SKELETON / "skeleton_family" / "__init__.py").read_text().strip() in docs
+
+
+def test_a_plugin_that_offers_lora_trains_only_its_adapters_and_reloads_its_export(
+    tmp_path, monkeypatch, folders
+):
+    """`model.finetune` and `model.lora` reach the builder: a plug-in that offers LoRA (here one
+    that wraps a diffusers upscaler) trains only its adapters, and its merged export reloads."""
+    write_package(
+        tmp_path,
+        "lora_family",
+        """
+        from rfsr_ray.models import build_model
+
+        def build(cfg, scale, trainable):
+            inner = cfg.model_copy(update={"family": "sd_upscaler", "builder": None, "options": {}})
+            return build_model(inner, scale, trainable)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_section = {
+        "family": "plugin",
+        "builder": "lora_family:build",
+        "pretrained": str(folders["sd_upscaler"]),
+        "finetune": "lora",
+        "lora": {"enabled": True, "rank": 2, "merge_on_export": True},
+    }
+    cfg = build_config(
+        {
+            "model": model_section,
+            "schedule": {"num_inference_steps": 4},
+            "losses": {
+                "structure": {"window": [0, 1], "weight": 1.0},
+                "reward": {"window": [2, 3], "terms": [{"name": "gmsd", "weight": 1.0}]},
+                "gram": {"window": [2, 3], "allow_random_vgg": True, "weight": 1.0},
+            },
+            "train": {"lr": 1e-3, "batch_size": 2},
+        }
+    )
+    torch.manual_seed(0)
+    state = build_state(cfg, build_model(cfg.model, 4), torch.device("cpu"))
+    trained = dict(state.model.unet.named_parameters())
+    assert all(("lora_" in name) == p.requires_grad for name, p in trained.items())
+    frozen = {name: p.detach().clone() for name, p in trained.items() if "lora_" not in name}
+    adapters = {name: p.detach().clone() for name, p in trained.items() if "lora_" in name}
+    result = optimizer_step(state, [fixed_batch(32)], cfg)
+    assert not result.skipped and math.isfinite(result.grad_norm) and result.grad_norm > 0
+    after = dict(state.model.unet.named_parameters())
+    assert all(torch.equal(after[name], p) for name, p in frozen.items())
+    assert any(not torch.equal(after[name], p) for name, p in adapters.items())
+
+    export = save_model(state.model, cfg.model, tmp_path / "model")
+    assert json.loads((export / "rfsr_model.json").read_text())["builder"] == "lora_family:build"
+    lr = fixed_batch(32).lr_image
+    expected = state.model.sample(lr, 4, seeded(3))
+    assert torch.allclose(load_model(export).sample(lr, 4, seeded(3)), expected, atol=1e-4)
