@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rfsr_ray.cli import init_ray, run_main
 from rfsr_ray.config import RFSRConfig
-from rfsr_ray.eval.run import EvalOutcome, run_evaluation
 from rfsr_ray.tracking.mlflow_run import ui_command
+
+if TYPE_CHECKING:
+    from rfsr_ray.eval.run import EvalOutcome
 
 
 def report(outcome: EvalOutcome) -> None:
@@ -37,6 +40,9 @@ def evaluate(cfg: RFSRConfig) -> int:
     # A local instance needs CPUs beyond the two actor pools (upscaling, scoring) for the tasks
     # that feed them; pools holding every CPU starve those tasks and the run hangs.
     init_ray(max(os.cpu_count() or 1, 2 * cfg.eval.actors_per_model + 2), cfg.model.py_modules)
+    # Imported once `run_main` has set up logging: the models' libraries log as they load.
+    from rfsr_ray.eval.run import run_evaluation
+
     report(run_evaluation(cfg))
     return 0
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from rfsr_ray.testing.tiny_components import save_tiny_components
+from rfsr_ray.logs import configure_driver
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,11 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from pathlib import Path
-
     if Path(args.out).exists():
         print(f"error: {args.out} exists; pick a new folder or delete it", file=sys.stderr)
         return 2
+    configure_driver(verbose_mode=False)  # before diffusers loads: quiet library loggers
+    from rfsr_ray.testing.tiny_components import save_tiny_components
+
     folder = save_tiny_components(args.family, args.out, args.seed)
     print(f"tiny {args.family} components written to {folder}")
     return 0

@@ -19,7 +19,6 @@ from rfsr_ray.config import RFSRConfig
 from rfsr_ray.data.decode import decode_image
 from rfsr_ray.data.sources import IMAGE_EXTENSIONS
 from rfsr_ray.errors import ConfigError
-from rfsr_ray.eval.inference import load_any, tiled_super_resolve
 
 log = logging.getLogger("rfsr_ray.upscale")
 
@@ -34,6 +33,9 @@ def upscale(cfg: RFSRConfig) -> int:
     source = Path(infer.input)
     if not source.is_dir():
         raise ConfigError(f"infer.input={infer.input!r} is not a folder of images")
+    # Imported once `run_main` has set up logging: the models' libraries log as they load.
+    from rfsr_ray.eval.inference import load_any, tiled_super_resolve
+
     model = load_any(Path(infer.model))
     steps = infer.num_inference_steps or cfg.schedule.num_inference_steps
     files = sorted(p for p in source.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)

@@ -13,7 +13,11 @@ from pathlib import Path
 # Run as a script from anywhere: the package sits beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm_sr_family import save_tiny_ldm_sr
+from rfsr_ray.logs import configure_driver
+
+configure_driver(verbose_mode=False)  # before diffusers loads: rfsr_ray's quiet library loggers
+
+from ldm_sr_family import save_tiny_ldm_sr  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
