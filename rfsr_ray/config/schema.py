@@ -641,6 +641,11 @@ class HackingMonitorConfig(StrictModel):
     threshold: float = Field(0.002, ge=0, description="relative fall per validation, 0.002=0.2%")
     patience: int = Field(2, ge=1, description="consecutive validations before the signal")
     stop: bool = Field(False, description="end training (export as usual) on the signal")
+    gram_to_base: bool = Field(
+        False,
+        description="report gram_to_base even with losses.gram off (its VGG19 runs at each "
+        "validation); an ablation turns it on so that every variant reports it",
+    )
 
 
 class LossesConfig(StrictModel):
@@ -767,6 +772,9 @@ class TrainConfig(StrictModel):
 Number = int | float
 
 
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
+
+
 class DomainConfig(StrictModel):
     """One search dimension, exactly one of: `grid` (every value, crossed with the other grids),
     `choice` (sampled), `uniform` / `loguniform` [low, high], `randint` [low, high] (inclusive)."""
@@ -815,6 +823,9 @@ class SearchSpaceConfig(StrictModel):
     reward_start: DomainConfig | None = None
     gram_weight: DomainConfig | None = None
     lr: DomainConfig | None = None
+    seed: DomainConfig | None = Field(
+        None, description="whole numbers: each sets train.seed and data.seed (repeats of a trial)"
+    )
     reward_weights: dict[str, DomainConfig] = Field(
         default_factory=dict, description="by reward term name (losses.reward.terms[].name)"
     )
@@ -829,21 +840,19 @@ class SearchSpaceConfig(StrictModel):
                 "structure_end and reward_start go together (a one-value grid fixes one of "
                 "them), or use split_index"
             )
-        for name in ("split_index", "structure_end", "reward_start"):
+        for name in ("split_index", "structure_end", "reward_start", "seed"):
             domain = getattr(self, name)
             if domain is not None and domain.kind in ("uniform", "loguniform"):
-                raise ValueError(f"{name} is a sampler index: use grid, choice or randint")
+                what = "a seed" if name == "seed" else "a sampler index"
+                raise ValueError(f"{name} is {what}: use grid, choice or randint")
             if domain is not None and any(int(v) != v for v in domain.values):
                 raise ValueError(f"{name}={list(domain.values)} must be whole numbers")
         return self
 
     def parameters(self) -> dict[str, DomainConfig]:
         """Flat name → domain of every declared dimension (`reward_weights.NAME` for rewards)."""
-        named = {
-            name: getattr(self, name)
-            for name in ("split_index", "structure_end", "reward_start", "gram_weight", "lr")
-            if getattr(self, name) is not None
-        }
+        scalars = ("split_index", "structure_end", "reward_start", "gram_weight", "lr", "seed")
+        named = {name: getattr(self, name) for name in scalars if getattr(self, name) is not None}
         named.update({f"reward_weights.{k}": v for k, v in self.reward_weights.items()})
         return named
 
@@ -869,10 +878,33 @@ class TuneConfig(StrictModel):
     )
     space: SearchSpaceConfig = SearchSpaceConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    variants: dict[Name, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="named fine-tune config overrides {dotted.key: value}, crossed with the "
+        "space's grids (an ablation study: pipelines/ablate.py)",
+    )
+    baseline_variant: Name | None = Field(
+        None, description="the variant the others are compared with (default: the first)"
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="level of the paired-difference intervals of an ablation"
+    )
+
+    @model_validator(mode="after")
+    def _baseline_is_a_variant(self) -> TuneConfig:
+        if self.baseline_variant is not None and self.baseline_variant not in self.variants:
+            raise ValueError(
+                f"tune.baseline_variant={self.baseline_variant!r} is not in tune.variants "
+                f"({sorted(self.variants) or 'none declared'})"
+            )
+        return self
+
+    def baseline(self) -> str | None:
+        """The variant every other one is compared with; None without variants."""
+        return self.baseline_variant or next(iter(self.variants), None)
 
 
 # ---------------------------------------------------------------------------------------- eval
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
 
 
 class EvalModelConfig(StrictModel):

@@ -81,6 +81,9 @@ class Timing:
     total_seconds: float = 0.0
     samples: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
+    # Since this worker started (never reset): what a report's `seconds_per_step` averages.
+    run_seconds: float = 0.0
+    run_steps: int = 0
 
     def reset(self) -> None:
         self.data_seconds = self.total_seconds = 0.0
@@ -346,10 +349,13 @@ def _train(
             micro_batches.append(batch)
         timing.data_seconds += time.perf_counter() - started
         result = optimizer_step(state, micro_batches, cfg, autocast, no_sync)
-        timing.total_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        timing.total_seconds += elapsed
+        timing.run_seconds += elapsed
+        timing.run_steps += 1
         timing.samples += sum(len(b.lr_image) for b in micro_batches)
         _record(result, timing, state, cfg, context, rank)
-        if _report(state, cfg, context, progress, rank, validator):
+        if _report(state, cfg, context, progress, rank, validator, timing):
             break
 
 
@@ -396,16 +402,21 @@ def _report(
     progress: Progress,
     rank: int,
     validator: Validator | None,
+    timing: Timing | None = None,
 ) -> bool:
     """At validation and checkpoint steps, in this order: validate (rank 0), vote on stopping
     (every rank), export after the last step (rank 0), report (every rank; rank 0 attaches the
-    checkpoint). Returns True when training must end early (the hacking monitor's stop)."""
+    checkpoint). Returns True when training must end early (the hacking monitor's stop).
+    A report carries `seconds_per_step`: this worker's mean wall-clock per optimiser step
+    (data wait included, validation and checkpoints not) since it started."""
     last = state.step >= cfg.train.steps
     validate_now = last or state.step % cfg.train.validate_every == 0
     checkpoint_now = last or state.step % cfg.train.checkpoint_every == 0
     if not (validate_now or checkpoint_now):
         return False
     metrics: dict[str, float] = {"step": state.step}
+    if timing is not None and timing.run_steps:
+        metrics["seconds_per_step"] = timing.run_seconds / timing.run_steps
     if validate_now and validator is not None:
         metrics.update(_validate(state, validator, context, cfg))
     stop = validate_now and _vote_stop(metrics, cfg, state.step)

@@ -9,6 +9,7 @@ them. So no rank idles through a validation, and the numbers do not depend on th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from rfsr_ray import seeds
 from rfsr_ray.config import RFSRConfig
+from rfsr_ray.errors import WeightsError
 from rfsr_ray.images import (
     bicubic_upscale,
     centre_crop,
@@ -24,10 +26,12 @@ from rfsr_ray.images import (
     to_uint8,
 )
 from rfsr_ray.iqa import create_metric
+from rfsr_ray.losses.gram import GramRegulariser
 from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.train.monitor import HackingMonitor
 
+log = logging.getLogger("rfsr_ray.validate")
 VALIDATION_BATCH = 4  # samples per model.sample call; each batch has its own noise stream
 
 # Direction of each validation metric, for tables (↑ higher is better).
@@ -112,6 +116,8 @@ class Validator:
         self.ssim = create_metric("ssim", device)
         self.rewards = list(losses.rewards) if losses is not None else []
         self.gram = losses.gram if losses is not None else None
+        if losses is not None and self.gram is None and cfg.losses.monitor.gram_to_base:
+            self.gram = _measuring_gram(cfg, device)
         monitor = cfg.losses.monitor
         # Held-out metrics beyond PSNR/SSIM (e.g. a no-reference one), for the hacking monitor.
         extra = [n for n in cfg.held_out_metrics() if n not in ("psnr", "ssim")]
@@ -295,3 +301,15 @@ def gains(
         for name, value in current.items()
         if name in base and name != "gram_to_base"
     }
+
+
+def _measuring_gram(cfg: RFSRConfig, device: torch.device) -> GramRegulariser | None:
+    """With the Gram regulariser off (an ablation's `no_gram`) and `losses.monitor.gram_to_base`
+    on, validation still reports `gram_to_base`, through the VGG19 that `losses.gram` names and
+    the run's seed, so the number is comparable with a run that trains with it; None when that
+    VGG cannot be loaded."""
+    try:
+        return GramRegulariser(cfg.losses.gram, cfg.train.seed).to(device).eval()
+    except WeightsError as error:
+        log.info("validation reports no gram_to_base (Gram regulariser off): %s", error)
+        return None

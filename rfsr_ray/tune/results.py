@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ class TrialRow:
     steps: int
     asha_stopped: bool
     error: str | None
+    # Every number of the trial's last report (`val_*`, `seconds_per_step`), and its validation
+    # history: one {step, metric: value} per report that carried a validation.
+    final: dict[str, float] = field(default_factory=dict)
+    history: tuple[dict[str, float], ...] = ()
 
     @property
     def split_label(self) -> str:
@@ -40,8 +44,10 @@ def trial_row(
     params: dict[str, Any],
     metrics: dict[str, Any],
     error: str | None,
+    history: Sequence[dict[str, Any]] = (),
 ) -> TrialRow:
-    """One table row from a trial's parameters and its last report to Tune."""
+    """One table row from a trial's parameters, its last report to Tune and (optionally) every
+    report it made."""
     trial_cfg = trial_config(cfg, params)
     split = trial_cfg.schedule.split
     structure_end = split.structure_end if split else trial_cfg.losses.structure.window[1]
@@ -61,7 +67,28 @@ def trial_row(
         # A trial that ended without error before train.steps was stopped by the scheduler.
         asha_stopped=error is None and 0 < steps < cfg.train.steps,
         error=error,
+        final=_numbers(metrics),
+        history=tuple(
+            {"step": float(report["step"]), **_numbers(report)}
+            for report in history
+            if "step" in report and "val_objective" in _numbers(report)
+        ),
     )
+
+
+def _numbers(report: dict[str, Any]) -> dict[str, float]:
+    """The validation numbers and step time of one report (finite floats only)."""
+    numbers = {}
+    for key, value in report.items():
+        if not (key.startswith("val_") or key == "seconds_per_step"):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            numbers[key] = number
+    return numbers
 
 
 def _number(value: Any) -> float:
@@ -140,7 +167,7 @@ def plot_fidelity_perception(rows: Sequence[TrialRow], path: Path) -> Path | Non
     points = [r for r in rows if math.isfinite(r.reward_gain) and math.isfinite(r.psnr_change)]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
     weights = [r.gram_weight for r in points]
@@ -191,7 +218,7 @@ def plot_objective_heatmap(rows: Sequence[TrialRow], path: Path) -> Path | None:
             ]
             if values:
                 grid[i, j] = float(np.mean(values))
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(1.6 * len(weights) + 3, 0.7 * len(splits) + 2), dpi=100)
     image = axes.imshow(grid, cmap="magma", aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
@@ -209,7 +236,7 @@ def plot_objective_heatmap(rows: Sequence[TrialRow], path: Path) -> Path | None:
     return path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display

@@ -4,10 +4,12 @@ checks that reject an invalid space before any trial starts."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from rfsr_ray.config import DomainConfig, RFSRConfig, build_config
+from rfsr_ray.config.load import apply_override
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.train.objective import objective_reward
 
@@ -33,13 +35,43 @@ def tune_domain(domain: DomainConfig) -> Any:
             return tune.randint(values[0], values[1] + 1)
 
 
+VARIANT = "variant"  # the trial parameter naming one of tune.variants
+
+
 def param_space(cfg: RFSRConfig) -> dict[str, Any]:
-    """Tuner param_space: flat parameter name → Tune domain."""
-    return {name: tune_domain(d) for name, d in cfg.tune.space.parameters().items()}
+    """Tuner param_space: flat parameter name → Tune domain; `variant` crosses every declared
+    variant with the other grids."""
+    from ray import tune
+
+    space = {name: tune_domain(d) for name, d in cfg.tune.space.parameters().items()}
+    if cfg.tune.variants:
+        space[VARIANT] = tune.grid_search(list(cfg.tune.variants))
+    return space
 
 
-def _apply(tree: dict[str, Any], name: str, value: Any) -> None:
-    if name == "split_index":
+def parameter_names(cfg: RFSRConfig) -> list[str]:
+    """The names of a trial's parameters, `variant` first when the sweep has variants."""
+    return ([VARIANT] if cfg.tune.variants else []) + list(cfg.tune.space.parameters())
+
+
+def apply_variant(tree: dict[str, Any], name: str, overrides: Mapping[str, Any]) -> None:
+    """Set a variant's {dotted.key: value} overrides on a config tree, as the command line
+    would (the value goes through JSON, which YAML reads back unchanged)."""
+    for key, value in overrides.items():
+        try:
+            apply_override(tree, f"{key}={json.dumps(value)}")
+        except ConfigError as error:
+            raise ConfigError(f"tune.variants.{name}: {error}") from None
+
+
+def _apply(tree: dict[str, Any], name: str, value: Any, variants: Mapping[str, Any]) -> None:
+    if name == VARIANT:
+        if value not in variants:
+            raise ConfigError(f"unknown variant {value!r}; tune.variants has {sorted(variants)}")
+        apply_variant(tree, value, variants[value])
+    elif name == "seed":
+        tree["train"]["seed"] = tree["data"]["seed"] = int(value)
+    elif name == "split_index":
         tree["schedule"]["split"] = {"structure_end": int(value) - 1, "reward_start": int(value)}
     elif name in ("structure_end", "reward_start"):
         tree["schedule"]["split"] = {**(tree["schedule"]["split"] or {}), name: int(value)}
@@ -65,8 +97,9 @@ def _apply(tree: dict[str, Any], name: str, value: Any) -> None:
 def trial_config(cfg: RFSRConfig, params: Mapping[str, Any]) -> RFSRConfig:
     """The fine-tune config of one trial: the base config with the trial's parameters set."""
     tree = cfg.to_dict()
-    for name, value in params.items():
-        _apply(tree, name, value)
+    # The variant first: the other parameters are set on top of its overrides.
+    for name in sorted(params, key=lambda name: name != VARIANT):
+        _apply(tree, name, params[name], cfg.tune.variants)
     return build_config(tree)
 
 
@@ -94,7 +127,7 @@ def validate_sweep(cfg: RFSRConfig) -> None:
     parameter and the fix."""
     space = cfg.tune.space
     parameters = space.parameters()
-    if not parameters:
+    if not parameters and not cfg.tune.variants:
         raise ConfigError(
             "tune.space is empty: declare at least one parameter, e.g. "
             "tune.space.gram_weight={loguniform: [1.0e-7, 1.0e-5]}"
@@ -109,13 +142,18 @@ def validate_sweep(cfg: RFSRConfig) -> None:
         if name not in SPLIT_PARAMETERS:
             for value in _candidates(name, domain):
                 _check_trial(cfg, {name: value})
+    for variant in cfg.tune.variants:
+        _check_trial(cfg, {VARIANT: variant})
 
 
 def _check_trial(cfg: RFSRConfig, params: dict[str, Any]) -> None:
     try:
         trial_config(cfg, params)
     except ConfigError as error:
-        where = ", ".join(f"tune.space.{k}={v}" for k, v in params.items())
+        where = ", ".join(
+            f"tune.variants.{v}" if k == VARIANT else f"tune.space.{k}={v}"
+            for k, v in params.items()
+        )
         detail = str(error).removeprefix("invalid config:\n").strip()
         raise ConfigError(
             f"{where} gives an invalid fine-tune config: {detail}; change or drop that value"
@@ -124,6 +162,11 @@ def _check_trial(cfg: RFSRConfig, params: dict[str, Any]) -> None:
 
 def _check_search_kind(cfg: RFSRConfig, parameters: dict[str, DomainConfig]) -> None:
     search = cfg.tune.search
+    if search == "optuna" and cfg.tune.variants:
+        raise ConfigError(
+            "tune.variants are crossed as a grid, which Optuna cannot sample; use "
+            "tune.search=grid for an ablation"
+        )
     for name, domain in parameters.items():
         if search == "grid" and domain.kind != "grid":
             raise ConfigError(

@@ -17,7 +17,13 @@ from rfsr_ray.config import RFSRConfig, build_config
 from rfsr_ray.errors import ConfigError, TrainingError
 from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.tune import results
-from rfsr_ray.tune.space import describe, param_space, trial_config, validate_sweep
+from rfsr_ray.tune.space import (
+    describe,
+    param_space,
+    parameter_names,
+    trial_config,
+    validate_sweep,
+)
 
 log = logging.getLogger("rfsr_ray.tune")
 METRIC = "val_objective"
@@ -43,6 +49,7 @@ class SweepOutcome:
     artifacts: list[Path]
     parent: mlflow_run.RunHandle | None
     resumed: bool
+    study: str | None = None  # an ablation's ablation.md (tune.variants), else None
 
 
 @dataclass(frozen=True)
@@ -220,14 +227,16 @@ def _scheduler(cfg: RFSRConfig) -> Any:
 
 
 def _row(cfg: RFSRConfig, result: Any) -> results.TrialRow:
-    names = cfg.tune.space.parameters()
+    names = parameter_names(cfg)
     params = {name: result.config[name] for name in names if name in result.config}
     error = None
     if result.error is not None:
         text = str(result.error).strip().splitlines()
         error = text[-1] if text else type(result.error).__name__
     trial_id = Path(result.path).name.removeprefix("trial_")
-    return results.trial_row(cfg, trial_id, params, result.metrics or {}, error)
+    frame = result.metrics_dataframe  # every report of the trial; None if it made none
+    history = frame.to_dict("records") if frame is not None else []
+    return results.trial_row(cfg, trial_id, params, result.metrics or {}, error, history)
 
 
 def _write_outputs(
@@ -244,9 +253,15 @@ def _write_outputs(
     artifacts = [sweep_dir / "results.md", results.write_csv(rows, sweep_dir / "results.csv")]
     plot = results.plot_fidelity_perception(rows, sweep_dir / "fidelity_perception.png")
     heatmap = None
-    if cfg.tune.search == "grid":
+    if cfg.tune.search == "grid" and not cfg.tune.variants:
         heatmap = results.plot_objective_heatmap(rows, sweep_dir / "objective_heatmap.png")
     artifacts += [path for path in (plot, heatmap) if path is not None]
+    if cfg.tune.variants:  # an ablation: the study's tables and plots, no "best" config
+        from rfsr_ray.tune.ablation import write_study
+
+        artifacts += write_study(cfg, rows, sweep_dir)
+        study = (sweep_dir / "ablation.md").read_text()
+        return SweepOutcome(sweep_dir, rows, table, best, None, artifacts, parent, resumed, study)
     best_config = None
     if best is not None:
         best_config = results.write_best_config(cfg, best, sweep_dir / "best_config.yaml")
