@@ -238,11 +238,9 @@ def run_training(
     # A resumed run continues with the next data epoch: fresh degradations, none repeated.
     start_epoch = previous.data_epoch + 1 if previous else 0
     pipeline = build_pair_dataset(cfg.data, cfg.degradation, epochs_needed(cfg, start_epoch))
-    board = None
-    if console:
-        board = ProgressBoard.remote()
-        # One bar on the console: the training bar, not Ray Data's feeding it.
-        ray.data.DataContext.get_current().enable_progress_bars = logs.verbose()
+    # One bar on the console: the training bar (none in a sweep's trials), not Ray Data's.
+    ray.data.DataContext.get_current().enable_progress_bars = logs.verbose()
+    board = ProgressBoard.remote() if console else None
     # Workers find the checkpoint to resume themselves (it may be newer by then: a retry).
     context = LoopContext(
         str(run_dir), run, build_validation_set(cfg), pipeline.stats, start_epoch, board
