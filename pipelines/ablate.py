@@ -1,5 +1,7 @@
-"""Ablation study of RFSR's parts: named variants of one fine-tune config, each with every seed,
-as Ray Tune trials under one MLflow parent run, compared with the baseline by paired differences.
+"""Ablation study of RFSR's parts: named variants of one fine-tune config, compared over seeds.
+
+Each variant trains once per seed as a Ray Tune trial under one MLflow parent run; each is compared
+with the baseline by per-seed paired differences.
 
 python pipelines/ablate.py --config configs/ablate/tiny.yaml [key.sub=value ...]
 Without tune.variants the default variants run (rfsr, no_split, no_structure, no_gram, gram_kl,
