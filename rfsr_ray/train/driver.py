@@ -26,7 +26,8 @@ from rfsr_ray.errors import ConfigError, DataError, TrainingError
 from rfsr_ray.losses.gram import find_vgg_weights
 from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.train.checkpoint import Progress, config_changes, latest_checkpoint
-from rfsr_ray.train.loop import LoopContext, train_loop_per_worker
+from rfsr_ray.train.entry import run_worker, worker_config
+from rfsr_ray.train.loop import LoopContext
 from rfsr_ray.train.progress import ConsoleProgress, ProgressBoard
 from rfsr_ray.train.validate import ValidationSet
 from rfsr_ray.weights import require_weights
@@ -162,8 +163,8 @@ def build_trainer(
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "context": context},
+        run_worker,
+        train_loop_config=worker_config({"cfg": cfg, "context": context}),
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
         ),
