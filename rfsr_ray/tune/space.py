@@ -187,6 +187,13 @@ def _check_training_setup(cfg: RFSRConfig) -> None:
         raise ConfigError(
             "a sweep ranks trials on held-out validation: set data.val_source or data.val_pairs"
         )
+    if cfg.train.num_workers == 0:
+        # Train's local mode calls ray.train.get_context(), which Ray Tune refuses inside a
+        # trial function: every trial would fail with Ray's deprecation error.
+        raise ConfigError(
+            "train.num_workers=0 (Train local mode) cannot run inside Tune trials: set "
+            "train.num_workers=1 or more"
+        )
     if cfg.train.checkpoint_every % cfg.train.validate_every:
         raise ConfigError(
             f"train.checkpoint_every={cfg.train.checkpoint_every} must be a multiple of "

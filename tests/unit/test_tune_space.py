@@ -173,3 +173,12 @@ def test_tune_config_file_loads_and_validates():
     cluster = load_config("configs/tune/gpu_cluster.yaml")
     validate_sweep(cluster)
     assert len(cluster.tune.space.parameters()) == 3
+
+
+def test_train_local_mode_is_refused_in_a_sweep():
+    """Tune trial functions cannot call ray.train.get_context(), which local mode needs: every
+    trial failed with Ray's deprecation error before this check."""
+    cfg = sweep({"gram_weight": {"grid": [1.0]}})
+    local = cfg.train.model_copy(update={"num_workers": 0})
+    with pytest.raises(ConfigError, match=r"train\.num_workers=0 .* set train\.num_workers=1"):
+        validate_sweep(cfg.model_copy(update={"train": local}))
