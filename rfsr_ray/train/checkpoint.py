@@ -193,6 +193,21 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, Progress] | None:
     return max(complete, key=lambda item: item[1].step) if complete else None
 
 
+def save_into_run(
+    run_dir: Path, step: int, keep: int, state: TrainState, progress: Progress, cfg: RFSRConfig
+) -> Path:
+    """Write the checkpoint of `step` straight into `run_dir` (as `checkpoint_<step>`, where Ray
+    would copy it) and keep only the newest `keep` there, as Ray's `num_to_keep` does. For
+    Train's local mode (`train.num_workers=0`), whose `report` only remembers the folder it is
+    given: without this a local run's checkpoints vanished with their scratch folder and a
+    rerun started over."""
+    folder = save_checkpoint(run_dir / f"checkpoint_{step:08d}", state, progress, cfg)
+    found = sorted(run_dir.glob("checkpoint_0*"), key=lambda path: path.name)
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def _rng_state(state: TrainState) -> dict:
     return {
         "torch": torch.get_rng_state(),

@@ -40,6 +40,7 @@ from rfsr_ray.train.checkpoint import (
     load_checkpoint,
     read_progress,
     save_checkpoint,
+    save_into_run,
 )
 from rfsr_ray.train.monitor import HackingMonitor
 from rfsr_ray.train.objective import objective_parts, objective_reward
@@ -423,7 +424,7 @@ def _report(
     if last or stop:
         _export_final(state, validator, context, cfg, rank)
     if checkpoint_now or stop:
-        _report_with_checkpoint(metrics, state, progress, cfg, rank)
+        _report_with_checkpoint(metrics, state, progress, cfg, rank, context.run_dir)
     else:
         ray.train.report(metrics)
     return stop
@@ -459,9 +460,19 @@ def _export_final(
 
 
 def _report_with_checkpoint(
-    metrics: dict[str, float], state: TrainState, progress: Progress, cfg: RFSRConfig, rank: int
+    metrics: dict[str, float],
+    state: TrainState,
+    progress: Progress,
+    cfg: RFSRConfig,
+    rank: int,
+    run_dir: str,
 ) -> None:
-    """Every rank reports `metrics`; rank 0 attaches a checkpoint of this step."""
+    """Every rank reports `metrics`; rank 0 attaches a checkpoint of this step (in Train's local
+    mode it writes the checkpoint into the run folder itself)."""
+    if cfg.train.num_workers == 0:
+        save_into_run(Path(run_dir), state.step, cfg.train.keep_checkpoints, state, progress, cfg)
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank == 0:

@@ -74,9 +74,11 @@ def test_a_rerun_continues_the_run_and_a_changed_config_needs_resume(
     ray_cluster, tmp_path, base_model, capsys
 ):
     """Re-running a run name with more steps continues it from its checkpoint in the same MLflow
-    run; a changed training key is refused unless --resume, which keeps the old config. One
-    worker: resuming is tested here, DDP in the test above."""
-    args = tiny_args(tmp_path, base_model, "resumable", train__steps=2, train__num_workers=1)
+    run; a changed training key is refused unless --resume, which keeps the old config. Train's
+    local mode (the driver's rerun logic is what is tested; test_buffer_resume.py continues a
+    2-worker DDP run from Ray's copy of its checkpoint), which writes its checkpoints into the
+    run folder itself, keeping train.keep_checkpoints of them."""
+    args = tiny_args(tmp_path, base_model, "resumable", train__steps=2, train__num_workers=0)
     run_dir = tmp_path / "runs" / "resumable"
     assert finetune.main(args) == 0
     _, first = only_run(tmp_path)
@@ -85,7 +87,10 @@ def test_a_rerun_continues_the_run_and_a_changed_config_needs_resume(
     assert second.info.run_id == first.info.run_id
     steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3]  # step 3 continues the run; steps 1-2 are not redone
-    assert (run_dir / "checkpoint_00000003").is_dir()
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000002",
+        "checkpoint_00000003",
+    ]
 
     capsys.readouterr()
     changed = [*args, "train.lr=2e-4", "train.steps=4"]  # train.steps may change, lr may not
