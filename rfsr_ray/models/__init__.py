@@ -27,6 +27,10 @@ def build_model(cfg: ModelConfig, scale: int, trainable: bool = True) -> ISRDiff
             from rfsr_ray.models.controlnet_sr import load_controlnet_sr
 
             return load_controlnet_sr(cfg, scale, trainable)
+        case "seesr":
+            from rfsr_ray.models.seesr.family import load_seesr
+
+            return load_seesr(cfg, scale, trainable)
         case "plugin":
             from rfsr_ray.models.plugin import build_plugin
 
@@ -46,7 +50,7 @@ def load_model(path: str | Path) -> ISRDiffusionModel:
     match info["family"]:
         case "tiny":
             return TinySRModel.from_pretrained(path)
-        case "sd_upscaler" | "controlnet_sr":
+        case "sd_upscaler" | "controlnet_sr" | "seesr":
             return _load_latent_export(Path(path), info)
         case "plugin":
             from rfsr_ray.models.plugin import load_plugin_export

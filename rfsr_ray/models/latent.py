@@ -52,7 +52,8 @@ class LatentCondition:
     image: torch.Tensor  # family-specific conditioning image (B or 2B, 3, h, w)
     guidance_scale: float = 1.0
     noise_level: torch.Tensor | None = None  # (B or 2B,) long, sd_upscaler
-    control: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], controlnet_sr
+    control: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], controlnet_sr and seesr
+    image_embeds: torch.Tensor | None = None  # (B or 2B, N, 512) tagger embeddings, seesr
 
     @property
     def guided(self) -> bool:
@@ -170,18 +171,22 @@ class LatentSRModel(TrainableWrappers, nn.Module):
             for name in lora.apply_to:
                 add_lora(self.components()[name], lora, f"{self.family} {name}")
             return
-        parts = mode.split("+")
-        for part in parts:
-            if part in ("unet", "controlnet"):
-                self.components()[part].requires_grad_(True)
-            elif part == "unet_attention":
-                for parameter in attention_parameters(self.unet):
-                    parameter.requires_grad_(True)
+        for part in mode.split("+"):
+            for parameter in self.part_parameters(part):
+                parameter.requires_grad_(True)
         # The Gram regulariser's frozen original: copies of only the tensors that change.
         for name in self.trained_module_names():
             self.reference[name] = FrozenOriginal(self.components()[name])
         if not self.trainable_parameters():
             raise ConfigError(f"model.finetune={mode!r} selects no parameters of this model")
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters one `+`-separated part of `model.finetune` names."""
+        if part in ("unet", "controlnet"):
+            return list(self.components()[part].parameters())
+        if part == "unet_attention":
+            return attention_parameters(self.unet)
+        raise AssertionError(part)  # unreachable: the schema limits `finetune` per family
 
     def trained_module_names(self) -> list[str]:
         return [
@@ -496,5 +501,6 @@ def full_export_config(cfg: ModelConfig, folder: Path) -> ModelConfig:
             "lora": LoRAConfig(),
             # the export holds its own controlnet/ folder
             "controlnet_sr": cfg.controlnet_sr.model_copy(update={"controlnet": None}),
+            "seesr": cfg.seesr.model_copy(update={"weights": None}),
         }
     )

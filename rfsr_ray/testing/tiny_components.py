@@ -22,7 +22,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-Family = Literal["sd_upscaler", "controlnet_sr"]
+Family = Literal["sd_upscaler", "controlnet_sr", "seesr"]
+# Where a tiny SeeSR folder keeps its tagger files (the configs name them under model.seesr).
+TINY_TAGGER = {
+    "ram": "tagger/ram_swin_large_14m.pth",
+    "dape": "tagger/DAPE.pth",
+    "tag_list": "tagger/tags.txt",
+    "tag_thresholds": "tagger/thresholds.txt",
+}
+TINY_TAGS = ("sky", "tree", "building", "person", "water", "grass")
 
 
 def _byte_symbols() -> list[str]:
@@ -172,9 +180,66 @@ def tiny_controlnet_sd(seed: int = 0) -> StableDiffusionControlNetPipeline:
     )
 
 
+def save_tiny_seesr(folder: Path, seed: int = 0) -> Path:
+    """A tiny SeeSR folder laid out as released: the tiny ControlNet pipeline's SD parts, a
+    SeeSRUNet and its ControlNet (image attention on) in unet/ and controlnet/, and the tiny
+    DAPE tagger's files in RAM's released layout under tagger/ (`TINY_TAGGER`)."""
+    from rfsr_ray.models.seesr import SeeSRControlNet, SeeSRUNet
+
+    pipeline = tiny_controlnet_sd(seed)
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(pipeline, name).save_pretrained(folder / name)
+    config = {k: v for k, v in pipeline.unet.config.items() if not k.startswith("_")}
+    unet = SeeSRUNet.from_config({**config, "use_image_cross_attention": True})
+    controlnet = SeeSRControlNet.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():  # trained-looking output convolutions, as for controlnet_sr
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+    save_tiny_tagger(folder, seed)
+    return folder
+
+
+def save_tiny_tagger(folder: Path, seed: int = 0) -> None:
+    """Random tiny DAPE tagger weights written as the released files are: RAM's entries in
+    {"model": ...} under RAM's names, DAPE's LoRA factors (lora_B zero) in a flat file."""
+    from rfsr_ray.models.seesr.tagger import TagList, build_dape_tagger, lora_sites, tiny_config
+
+    torch.manual_seed(seed)
+    tagger = build_dape_tagger(tiny_config(), TagList(TINY_TAGS, (0.5,) * len(TINY_TAGS)))
+    ram = {released_ram_name(k): v.clone() for k, v in tagger.state_dict().items()}
+    dape = {}
+    for site in lora_sites(tagger):
+        module = released_ram_name(site).removesuffix(".weight")
+        weight = tagger.get_parameter(site)
+        groups = 2 if site.endswith("attn.qkv.weight") else 1  # SeeSR's MergedLinear adapts q, v
+        rows = weight.shape[0] // 3 if groups == 2 else weight.shape[0]
+        dape[f"{module}.lora_A"] = 0.01 * torch.randn(groups * 4, weight.shape[1])
+        dape[f"{module}.lora_B"] = torch.zeros(groups * rows, 4)
+    (folder / "tagger").mkdir(parents=True, exist_ok=True)
+    torch.save({"model": ram}, folder / TINY_TAGGER["ram"])
+    torch.save(dape, folder / TINY_TAGGER["dape"])
+    (folder / TINY_TAGGER["tag_list"]).write_text("\n".join(TINY_TAGS) + "\n")
+    (folder / TINY_TAGGER["tag_thresholds"]).write_text("0.5\n" * len(TINY_TAGS))
+
+
+def released_ram_name(name: str) -> str:
+    """Our tagger's name as RAM's checkpoint spells it (`tagger.our_name` reversed)."""
+    import re
+
+    merge = re.match(r"visual_encoder\.layers\.(\d+)\.downsample\.(.+)$", name)
+    if merge:
+        return f"visual_encoder.layers.{int(merge[1]) - 1}.downsample.{merge[2]}"
+    return re.sub(r"^tagging_head\.(\d+)\.", r"tagging_head.encoder.layer.\1.", name)
+
+
 def save_tiny_components(family: Family, folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random diffusers folder for `family` (controlnet/ included for ControlNet)."""
+    """Write a tiny random diffusers folder for `family` (controlnet/ included for ControlNet;
+    SeeSR's released layout with its tagger files for seesr)."""
     folder = Path(folder)
+    if family == "seesr":
+        return save_tiny_seesr(folder, seed)
     pipeline = tiny_sd_upscaler(seed) if family == "sd_upscaler" else tiny_controlnet_sd(seed)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
