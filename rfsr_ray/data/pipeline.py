@@ -45,7 +45,8 @@ class PairPipeline:
     stats: Any  # ActorHandle[PipelineStats]
 
     def counts(self) -> dict[str, int]:
-        """Outcome counts so far: `decoded`, `pairs`, `skipped_*`, `converted_*`."""
+        """Outcome counts so far: `decoded`, `pairs`, `skipped_*`, `converted_*`, and `tagged`
+        when a seesr run's tagger stage (rfsr_ray.train.tagging) counts into it."""
         return ray.get(self.stats.snapshot.remote())
 
 
@@ -103,6 +104,8 @@ def format_counts(counts: dict[str, int]) -> str:
         "skipped: " + (", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"),
         "converted: " + (", ".join(f"{k}={v}" for k, v in sorted(converted.items())) or "none"),
     ]
+    if "tagged" in counts:  # a seesr run's DAPE stage
+        lines.append(f"pairs tagged by DAPE: {counts['tagged']}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,12 @@ from ray.train.torch import TorchTrainer
 from rfsr_ray import logs, seeds
 from rfsr_ray.config import RFSRConfig, load_config, with_absolute_paths
 from rfsr_ray.data.parquet import read_pair_dataset
-from rfsr_ray.data.pipeline import build_pair_dataset, format_counts, raise_if_empty
+from rfsr_ray.data.pipeline import (
+    PairPipeline,
+    build_pair_dataset,
+    format_counts,
+    raise_if_empty,
+)
 from rfsr_ray.data.sources import read_sources
 from rfsr_ray.errors import ConfigError, DataError, TrainingError
 from rfsr_ray.losses.gram import find_vgg_weights
@@ -29,6 +34,7 @@ from rfsr_ray.train.checkpoint import Progress, config_changes, latest_checkpoin
 from rfsr_ray.train.entry import run_worker, worker_config
 from rfsr_ray.train.loop import LoopContext
 from rfsr_ray.train.progress import ConsoleProgress, ProgressBoard
+from rfsr_ray.train.tagging import TAG_COLUMNS, add_tags, check_placement, cluster_nodes
 from rfsr_ray.train.validate import ValidationSet
 from rfsr_ray.weights import require_weights
 
@@ -152,6 +158,18 @@ def epochs_needed(cfg: RFSRConfig, start_epoch: int) -> range:
     return range(start_epoch, start_epoch + math.ceil(1.25 * pairs / per_epoch) + 1)
 
 
+def training_dataset(cfg: RFSRConfig, pipeline: PairPipeline) -> ray.data.Dataset:
+    """The columns the workers read. Ids and degradation JSON stay in the Parquet sets;
+    captions go along when they are the prompts; a seesr model's pairs first pass the DAPE
+    tagger stage (tags as captions, image embeddings), once the plan is known to fit."""
+    columns = ["hr", "lr", "epoch"] + (["caption"] if cfg.model.prompt.from_data else [])
+    if cfg.model.family == "seesr":
+        check_placement(cfg, cluster_nodes())
+        tagged = add_tags(pipeline.dataset, cfg.model.seesr, pipeline.stats)
+        return tagged.select_columns(["hr", "lr", "epoch", *TAG_COLUMNS])
+    return pipeline.dataset.select_columns(columns)
+
+
 def build_trainer(
     cfg: RFSRConfig,
     context: LoopContext,
@@ -249,10 +267,7 @@ def run_training(
     _save_config(cfg, run, resume, kept_config)
     _announce(cfg, run, previous.step if previous else 0)
     try:
-        # Ids and degradation JSON stay in the Parquet sets; captions go along when they are
-        # the prompts.
-        columns = ["hr", "lr", "epoch"] + (["caption"] if cfg.model.prompt.from_data else [])
-        dataset = pipeline.dataset.select_columns(columns)
+        dataset = training_dataset(cfg, pipeline)
         trainer = build_trainer(cfg, context, dataset, callbacks)
         if board is None:
             result = trainer.fit()

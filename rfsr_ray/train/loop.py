@@ -104,10 +104,14 @@ def _batches(
             prefetch_batches=2,
             local_shuffle_buffer_size=shuffle,
         ):
-            prompts = None
-            if "caption" in rows:  # model.prompt.from_data: a sample without one uses `text`
+            prompts, image_embeds = None, None
+            if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
+                prompts = [str(text) for text in rows["caption"]]
+                image_embeds = torch.tensor(rows["image_embeds"], device=device)  # a copy
+            elif "caption" in rows:  # model.prompt.from_data: a sample without one uses `text`
                 prompts = [str(text) or fallback for text in rows["caption"]]
-            batch = Batch(to_tensor(rows["lr"], device), to_tensor(rows["hr"], device), prompts)
+            lr, hr = to_tensor(rows["lr"], device), to_tensor(rows["hr"], device)
+            batch = Batch(lr, hr, prompts, image_embeds)
             yield batch, int(rows["epoch"].max())
         yield None
 

@@ -35,11 +35,20 @@ NoSync = Callable[[], contextlib.AbstractContextManager]  # DDP's no_sync over e
 @dataclass(frozen=True)
 class Batch:
     """lr_image (B, 3, h, w) and hr_image (B, 3, h·s, w·s), float in [0, 1]; per-sample
-    prompts when the data carries a caption column."""
+    prompts when the data carries a caption column; the tagger stage's image embeddings
+    (B, N, C) when it ran (seesr)."""
 
     lr_image: torch.Tensor
     hr_image: torch.Tensor
     prompts: list[str] | None = None
+    image_embeds: torch.Tensor | None = None
+
+    def condition(
+        self, model: ISRDiffusionModel, generator: torch.Generator | None, mode: str = "train"
+    ) -> object:
+        """The model's condition of this batch; the image embeddings go along when present."""
+        extra = {} if self.image_embeds is None else {"image_embeds": self.image_embeds}
+        return model.condition(self.lr_image, generator, self.prompts, mode=mode, **extra)
 
 
 @dataclass
@@ -86,7 +95,7 @@ def rfsr_loss(
     autocast: Autocast = contextlib.nullcontext,
 ) -> StepOutput:
     """RFSR loss at sampler index `index` (0 = noisiest)."""
-    condition = model.condition(batch.lr_image, generator, batch.prompts, mode="train")
+    condition = batch.condition(model, generator)
     timesteps = model.set_timesteps(cfg.schedule.num_inference_steps)
     latent = latent_at_index(
         model, condition, timesteps, index, cfg.schedule.mode, generator, autocast
@@ -338,7 +347,7 @@ class TrajectoryBuffer:
         wanted, deepest = set(self.indices), max(self.indices)
         entries = []
         for batch in micro_batches:
-            condition = model.condition(batch.lr_image, generator, batch.prompts, mode="train")
+            condition = batch.condition(model, generator)
             latent = model.start_latent(condition, generator)
             kept = {}
             with autocast():

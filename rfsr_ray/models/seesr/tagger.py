@@ -311,6 +311,13 @@ UNUSED_PREFIXES = ("tag_encoder.", "text_decoder.")
 DERIVED_SUFFIXES = (".relative_position_index", ".attn_mask")
 
 
+def _zip_format(path: Path) -> bool:
+    """Whether `path` is torch.save's zip format (the only one torch.load can memory-map)."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
 def our_name(key: str) -> str | None:
     """A released RAM / DAPE key as this module's name (None: an entry the tagger drops).
     The released Swin keeps each stage's patch merging at its end, timm at the next stage's
@@ -388,7 +395,9 @@ def read_checkpoint(path: Path | str, name: str, what: str, source: str) -> dict
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"{name} not found at {path}: it is {what}; download it from {source}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Memory-mapped: RAM's file also holds parts the tagger drops (its caption decoder), and a
+    # tagger actor should not hold all of it in memory while it loads.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip_format(path))
     for wrapper in ("model", "params", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
