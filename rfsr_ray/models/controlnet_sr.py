@@ -1,5 +1,5 @@
 """The `controlnet_sr` family: a Stable Diffusion UNet plus a ControlNet that sees the
-bicubic-upsampled LR image (the SeeSR / DP²O-SR design; SeeSR's own weights are not yet supported).
+bicubic-upsampled LR image (the SeeSR / DP²O-SR design; SeeSR's own weights: the `seesr` family).
 
 x_T is pure noise (StableDiffusionControlNetPipeline) or the VAE latent of the upsampled LR noised
 (`start: lr_latent`). SeeSR and the RFSR reference noise it to the last training timestep T-1 (999
@@ -49,11 +49,15 @@ class ControlNetSRModel(LatentSRModel):
         """The control image: LR upsampled bicubically to HR size, (B, 3, H, W) in [0, 1]."""
         batch = lr_image.shape[0]
         embeds, guidance = self.prompt_embeds(prompts, batch, generator, mode)
-        size = (lr_image.shape[-2] * self.scale, lr_image.shape[-1] * self.scale)
-        control = F.interpolate(lr_image, size=size, mode="bicubic", align_corners=False)
-        control = control.clamp(0, 1).to(embeds.dtype)
+        control = self.control_image(lr_image, embeds.dtype)
         image = torch.cat([control] * (2 if guidance > 1 else 1))
         return LatentCondition(batch, embeds, image, guidance, control=control)
+
+    def control_image(self, lr_image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """lr_image (B, 3, h, w) in [0, 1] → (B, 3, h·s, w·s) in [0, 1], bicubic, in `dtype`."""
+        size = (lr_image.shape[-2] * self.scale, lr_image.shape[-1] * self.scale)
+        control = F.interpolate(lr_image, size=size, mode="bicubic", align_corners=False)
+        return control.clamp(0, 1).to(dtype)
 
     def start_latent(
         self, condition: LatentCondition, generator: torch.Generator | None
@@ -92,13 +96,15 @@ class ControlNetSRModel(LatentSRModel):
         controlnet: nn.Module | None,
     ) -> torch.Tensor:
         assert controlnet is not None  # the family always has one
+        extra = self._denoiser_kwargs(condition, latent_input.dtype)
         down, mid = controlnet(
             latent_input,
             timestep,
             encoder_hidden_states=condition.prompt_embeds,
             controlnet_cond=condition.image.to(latent_input.dtype),
-            conditioning_scale=self.cfg.controlnet_sr.conditioning_scale,
+            conditioning_scale=self.conditioning_scale,
             return_dict=False,
+            **extra,
         )
         return unet(
             latent_input,
@@ -107,7 +113,18 @@ class ControlNetSRModel(LatentSRModel):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
+            **extra,
         )[0]
+
+    @property
+    def conditioning_scale(self) -> float:
+        """The weight of the ControlNet's residuals in the UNet."""
+        return self.cfg.controlnet_sr.conditioning_scale
+
+    def _denoiser_kwargs(self, condition: LatentCondition, dtype: torch.dtype) -> dict:
+        """Keyword arguments a subclass adds to both the ControlNet and the UNet call (SeeSR:
+        its image embeddings); none here."""
+        return {}
 
     def pipeline(
         self, merged: bool = True

@@ -3,6 +3,8 @@ kit, what trains, SeeSR's prompt and the frozen reference with its image attenti
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ import torch
 
 from rfsr_ray.config import ModelConfig
 from rfsr_ray.errors import WeightsError
-from rfsr_ray.models import build_model
-from rfsr_ray.models.seesr.family import compose_prompt
+from rfsr_ray.models import build_model, load_model
+from rfsr_ray.models.seesr.family import TAGGER_FILES, compose_prompt
+from rfsr_ray.models.tiny import MODEL_INFO_FILE
 from rfsr_ray.testing.conformance import CHECKS, ConformanceCase, check_isr_model
 from rfsr_ray.testing.tiny_components import TINY_TAGGER, save_tiny_components
 
@@ -80,3 +83,45 @@ def test_a_folder_without_seesr_unet_is_refused(seesr_folder, tmp_path):
     cfg = seesr_config(seesr_folder).model_copy(update={"pretrained": str(tmp_path)})
     with pytest.raises(WeightsError, match="unet/"):
         build_model(cfg, 4)
+
+
+def sample(model, lr_image: torch.Tensor, seed: int = 5) -> torch.Tensor:
+    return model.sample(lr_image, 2, torch.Generator().manual_seed(seed))
+
+
+def test_export_names_its_tagger_by_absolute_path_and_reloads_with_it(
+    seesr_folder, tmp_path, monkeypatch
+):
+    shutil.copytree(seesr_folder / "tagger", tmp_path / "tagger")
+    monkeypatch.chdir(tmp_path)  # tagger paths relative to here, as a hand-written config has
+    seesr = {"tagger_size": "tiny", **TINY_TAGGER}
+    model = builder(ModelConfig(family="seesr", pretrained=str(seesr_folder), seesr=seesr))()
+    with torch.no_grad():  # trained weights, unlike the folder's
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    export = model.save(tmp_path / "export")
+    recorded = json.loads((export / MODEL_INFO_FILE).read_text())["model_config"]["seesr"]
+    assert {name: recorded[name] for name in TAGGER_FILES} == {
+        name: str(tmp_path / path) for name, path in TINY_TAGGER.items()
+    }
+    assert recorded["tagger_size"] == "tiny"
+    assert not (export / "tagger").exists()  # named, not copied
+
+    monkeypatch.chdir(seesr_folder)  # elsewhere: only the absolute paths find the tagger
+    lr_image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    loaded = load_model(export)
+    assert torch.equal(sample(loaded, lr_image), sample(model, lr_image))
+    base = build_model(seesr_config(seesr_folder), 4, trainable=False)
+    assert not torch.allclose(sample(base, lr_image), sample(loaded, lr_image))
+
+
+def test_export_whose_tagger_file_is_gone_is_refused_by_name(seesr_folder, tmp_path):
+    shutil.copytree(seesr_folder / "tagger", tmp_path / "tagger")
+    files = {name: str(tmp_path / path) for name, path in TINY_TAGGER.items()}
+    seesr = {"tagger_size": "tiny", **files}
+    cfg = ModelConfig(family="seesr", pretrained=str(seesr_folder), seesr=seesr)
+    model = build_model(cfg, 4, trainable=False)
+    export = model.save(tmp_path / "export")
+    (tmp_path / TINY_TAGGER["dape"]).unlink()
+    with pytest.raises(WeightsError, match=r"model\.seesr\.dape=.*DAPE\.pth.* does not exist"):
+        load_model(export)

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -37,6 +36,13 @@ from rfsr_ray.models.seesr.unet import load_seesr_unet
 from rfsr_ray.models.tiny import MODEL_INFO_FILE
 
 SD_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+# The tagger's files (model.seesr fields) and what each is, for the error when one is missing.
+TAGGER_FILES = {
+    "ram": "RAM's Swin-L tagging model (ram_swin_large_14m.pth)",
+    "dape": "SeeSR's DAPE LoRA weights over RAM (DAPE.pth)",
+    "tag_list": "the tagger's tag list",
+    "tag_thresholds": "the tagger's tag thresholds",
+}
 
 
 def load_configured_tagger(cfg: SeeSRConfig, device: torch.device | str = "cpu") -> DAPETagger:
@@ -46,6 +52,27 @@ def load_configured_tagger(cfg: SeeSRConfig, device: torch.device | str = "cpu")
     tag_list = Path(cfg.tag_list) if cfg.tag_list else None
     thresholds = Path(cfg.tag_thresholds) if cfg.tag_thresholds else None
     return load_dape_tagger(cfg.ram, cfg.dape, tag_list, thresholds, sizes, device)
+
+
+def tagger_record(cfg: SeeSRConfig) -> dict[str, str | None]:
+    """The tagger `cfg` names, its files as absolute paths (None: RAM's list shipped with
+    rfsr_ray), and `tagger_size`: what an export records instead of copying RAM and DAPE."""
+    files = {name: getattr(cfg, name) for name in TAGGER_FILES}
+    record = {k: str(Path(v).expanduser().absolute()) if v else None for k, v in files.items()}
+    return {**record, "tagger_size": cfg.tagger_size}
+
+
+def check_tagger_files(cfg: SeeSRConfig) -> None:
+    """Raise WeightsError for the first tagger file `cfg` names that does not exist."""
+    for name, what in TAGGER_FILES.items():
+        value = getattr(cfg, name)
+        if value and not Path(value).expanduser().is_file():
+            raise WeightsError(
+                f"model.seesr.{name}={value!r} does not exist; it is {what}. A seesr export "
+                f"names the tagger it was trained with in its {MODEL_INFO_FILE} "
+                f"(model_config.seesr.{name}) instead of copying it: put the file back there "
+                "or edit that path to where the file is now"
+            )
 
 
 def compose_prompt(tags: str, text: str, added: str) -> str:
@@ -96,9 +123,7 @@ class SeeSRModel(ControlNetSRModel):
         settings = self.cfg.prompt
         texts = [compose_prompt(t, settings.text, self.cfg.seesr.added_prompt) for t in prompts]
         embeds, guidance = self.prompt_embeds(texts, batch, generator, mode)
-        size = (lr_image.shape[-2] * self.scale, lr_image.shape[-1] * self.scale)
-        control = F.interpolate(lr_image, size=size, mode="bicubic", align_corners=False)
-        control = control.clamp(0, 1).to(embeds.dtype)
+        control = self.control_image(lr_image, embeds.dtype)
         copies = 2 if guidance > 1 else 1  # SeeSR repeats the image embeddings: [ram; ram]
         image_embeds = image_embeds.to(self.device, embeds.dtype)
         return LatentCondition(
@@ -114,8 +139,10 @@ class SeeSRModel(ControlNetSRModel):
         self, condition: LatentCondition, generator: torch.Generator | None
     ) -> torch.Tensor:
         """x_T (B, C, H/f, W/f): each sample's LR latent noised to T-1, SeeSR's draw order (the
-        noise, then the VAE posterior sample). SeeSR itself noises sample 0's LR latent for the
-        whole batch; here each sample gets its own."""
+        noise, then the VAE posterior sample). Two deliberate differences from SeeSR's pipeline:
+        it noises sample 0's LR latent for the whole batch, here each sample gets its own; and
+        it draws the posterior sample from torch's global RNG, here from `generator`, so the
+        generator alone fixes a sample (every image's seed in upscale.py and validation)."""
         assert condition.control is not None  # built by `condition`
         dtype = condition.prompt_embeds.dtype
         height, width = (s // self.vae_scale_factor for s in condition.control.shape[-2:])
@@ -126,34 +153,14 @@ class SeeSRModel(ControlNetSRModel):
         timestep = torch.full((condition.batch_size,), final, dtype=torch.long, device=self.device)
         return self.scheduler.add_noise(clean, noise, timestep)
 
-    def _denoise(
-        self,
-        latent_input: torch.Tensor,
-        timestep: torch.Tensor,
-        condition: LatentCondition,
-        unet: nn.Module,
-        controlnet: nn.Module | None,
-    ) -> torch.Tensor:
-        assert controlnet is not None and condition.image_embeds is not None
-        image_states = condition.image_embeds.to(latent_input.dtype)
-        down, mid = controlnet(
-            latent_input,
-            timestep,
-            encoder_hidden_states=condition.prompt_embeds,
-            controlnet_cond=condition.image.to(latent_input.dtype),
-            conditioning_scale=self.cfg.seesr.conditioning_scale,
-            return_dict=False,
-            image_encoder_hidden_states=image_states,
-        )
-        return unet(
-            latent_input,
-            timestep,
-            encoder_hidden_states=condition.prompt_embeds,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-            image_encoder_hidden_states=image_states,
-        )[0]
+    @property
+    def conditioning_scale(self) -> float:
+        return self.cfg.seesr.conditioning_scale
+
+    def _denoiser_kwargs(self, condition: LatentCondition, dtype: torch.dtype) -> dict:
+        """SeeSR's image cross-attention input, (B or 2B, N, 512), to ControlNet and UNet alike."""
+        assert condition.image_embeds is not None  # built by `condition`
+        return {"image_encoder_hidden_states": condition.image_embeds.to(dtype)}
 
     def pipeline(self, merged: bool = True) -> object:
         raise NotImplementedError(
@@ -161,9 +168,17 @@ class SeeSRModel(ControlNetSRModel):
             "(vae/, text_encoder/, tokenizer/, scheduler/, unet/, controlnet/)"
         )
 
+    def info(self, export_format: str) -> dict:
+        """The export record; its model_config.seesr names the tagger files by absolute path,
+        so the export reloads (and tags) with the tagger it was trained with."""
+        info = super().info(export_format)
+        info["model_config"]["seesr"].update(tagger_record(self.cfg.seesr))
+        return info
+
     def save(self, path: str | Path) -> Path:
         """SeeSR's layout: SD 2 parts plus unet/ and controlnet/ (LoRA merged), or LoRA adapters
-        on the base named in rfsr_model.json (`lora.merge_on_export: false`)."""
+        on the base named in rfsr_model.json (`lora.merge_on_export: false`). The tagger's large
+        files are not copied: rfsr_model.json names them (`info`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.cfg.finetune_mode == "lora" and not self.cfg.lora.merge_on_export:
@@ -192,6 +207,7 @@ def load_seesr(
     """SD 2 base parts from `cfg.pretrained`, SeeSR's unet/ and controlnet/ from
     `cfg.seesr.weights` (or `cfg.pretrained`), each weight checked to be set exactly once."""
     assert cfg.pretrained is not None  # the schema requires it for this family
+    check_tagger_files(cfg.seesr)  # here, not at the first validation hours into a run
     folder = resolve(cfg.pretrained, cfg.revision, key)
     weights_key = "model.seesr.weights" if cfg.seesr.weights else key
     weights = resolve(cfg.seesr.weights, None, weights_key) if cfg.seesr.weights else folder
