@@ -73,7 +73,7 @@ def _probe(endpoint: str, timeout: float) -> bool:
 
 def _how_to_provide(source: str, key: str) -> str:
     return (
-        f"either download it on a machine with network access (`huggingface-cli download {source} "
+        f"either download it on a machine with network access (`hf download {source} "
         f"--local-dir DIR`, or `python pipelines/weights.py download --config … --dir DIR`) and "
         f"set {key}=DIR, or sync a Hugging Face cache that holds it and point $HF_HOME at it "
         "(with HF_HUB_OFFLINE=1 on air-gapped nodes)"

@@ -94,7 +94,7 @@ def test_missing_config_file():
 )
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
-    assert cfg.model.family in ("tiny", "sd_upscaler", "controlnet_sr")
+    assert cfg.model.family in ("tiny", "sd_upscaler", "controlnet_sr", "seesr")
 
 
 def test_renamed_keys_name_their_new_place():
