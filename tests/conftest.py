@@ -24,7 +24,7 @@ def ray_cluster():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         if not ray.is_initialized():
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False
