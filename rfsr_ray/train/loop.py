@@ -7,7 +7,6 @@ to MLflow, validates and exports.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -18,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -59,7 +58,6 @@ from rfsr_ray.train.validate import ValidationSet, Validator, gains
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,21 +114,6 @@ def _batches(
             batch = Batch(lr, hr, prompts, image_embeds)
             yield batch, int(rows["epoch"].max())
         yield None
-
-
-def _started(stream: Iterator[T]) -> Iterator[T]:
-    """`stream`, its first item already being fetched in a thread: Ray Data starts executing on
-    the first request, and its start-up (the split coordinator, the first degradation tasks and,
-    for seesr, the tagger actors) then overlaps what the worker does before its first step."""
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first_batch")
-    first = pool.submit(next, stream)
-    pool.shutdown(wait=False)
-
-    def resumed() -> Iterator[T]:
-        yield first.result()
-        yield from stream
-
-    return resumed()
 
 
 def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]:
@@ -321,9 +304,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _record_timesteps(model, cfg, context)
     no_sync = _wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
-    stream = None
-    if state.step < cfg.train.steps:  # the data stage starts up while step 0 validates
-        stream = _started(_batches(ray.train.get_dataset_shard("train"), cfg, device))
     validator = None
     if context.val_set is not None:  # every rank samples its share of each validation
         validator = Validator(cfg, context.val_set, state.losses, device, rank, _world_size())
@@ -332,7 +312,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with contextlib.ExitStack() as stack:
         if context.run is not None and system_metrics_enabled(cfg):
             stack.enter_context(_node_system_metrics(context.run))
-        _train(state, cfg, context, progress, rank, validator, autocast, no_sync, stream)
+        _train(state, cfg, context, progress, rank, validator, autocast, no_sync)
 
 
 def _node_system_metrics(run: mlflow_run.RunHandle) -> contextlib.AbstractContextManager:
@@ -353,14 +333,15 @@ def _train(
     validator: Validator | None,
     autocast: Any,
     no_sync: Any,
-    stream: Iterator[tuple[Batch, int] | None] | None,
 ) -> None:
-    if stream is None:
+    if state.step >= cfg.train.steps:
         # Resumed at the last checkpoint, whose report Ray may never have received (a worker
         # killed before the controller's next poll): finish again (validate, export, report) so
         # the fit, and a Tune trial, end with the final result.
         _report(state, cfg, context, progress, rank, validator)
         return
+    device = state.params[0].device
+    stream = _batches(ray.train.get_dataset_shard("train"), cfg, device)
     timing = Timing()
     while state.step < cfg.train.steps:
         started = time.perf_counter()
