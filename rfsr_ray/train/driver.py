@@ -161,10 +161,9 @@ def epochs_needed(cfg: RFSRConfig, start_epoch: int) -> range:
 def training_dataset(cfg: RFSRConfig, pipeline: PairPipeline) -> ray.data.Dataset:
     """The columns the workers read. Ids and degradation JSON stay in the Parquet sets;
     captions go along when they are the prompts; a seesr model's pairs first pass the DAPE
-    tagger stage (tags as captions, image embeddings), once the plan is known to fit."""
+    tagger stage (tags as captions, image embeddings)."""
     columns = ["hr", "lr", "epoch"] + (["caption"] if cfg.model.prompt.from_data else [])
     if cfg.model.family == "seesr":
-        check_placement(cfg, cluster_nodes())
         tagged = add_tags(pipeline.dataset, cfg.model.seesr, pipeline.stats)
         return tagged.select_columns(["hr", "lr", "epoch", *TAG_COLUMNS])
     return pipeline.dataset.select_columns(columns)
@@ -240,6 +239,8 @@ def run_training(
     """
     resume = find_resume(cfg)  # a changed config is refused before anything starts
     require_weights(cfg)  # every missing weight at once, before data or workers start
+    if cfg.model.family == "seesr":  # its tagger actors and the workers must fit together
+        check_placement(cfg, cluster_nodes())
     run_dir = run_dir_of(cfg)
     previous = resume.progress if resume else None
     kept_config = None

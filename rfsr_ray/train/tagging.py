@@ -168,6 +168,8 @@ def _unplaceable(
         f"{demand.count} ({demand.cpus:g} CPU, {demand.gpus:g} GPU) once the others are placed; "
         f"the plan is {plan}, and a stage left without resources waits forever. "
     )
+    if short_of_gpus and demand.what == "tagger actor" and gpus == 0:
+        return message + "The cluster has no GPU: tag on CPU (model.seesr.tagging.gpus_per_actor=0)"
     if short_of_gpus and demand.what == "tagger actor":
         return message + (
             "Share each GPU between a training worker and a tagger actor "

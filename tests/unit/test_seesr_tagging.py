@@ -93,3 +93,9 @@ def test_prompts_from_data_are_refused_for_seesr():
     tree["model"]["prompt"] = {"from_data": True}
     with pytest.raises(ConfigError, match="DAPE tagger's tags"):
         build_config(tree)
+
+
+def test_gpu_taggers_on_a_cluster_without_gpus_are_told_to_tag_on_cpu():
+    cfg = build_config(seesr_tree("/weights/seesr", gpus_per_actor=0.1))
+    with pytest.raises(ConfigError, match=r"no GPU: tag on CPU"):
+        check_placement(cfg, [{"CPU": 4}])
