@@ -27,8 +27,9 @@ from rfsr_ray.config import RFSRConfig, load_config
 from rfsr_ray.images import bicubic_upscale, image_grid, to_uint8
 from rfsr_ray.iqa import create_metric
 from rfsr_ray.models import load_model
+from rfsr_ray.train.context import ValidationSet
 from rfsr_ray.train.driver import build_validation_set
-from rfsr_ray.train.validate import ValidationSet, sample_set
+from rfsr_ray.train.validate import sample_set
 
 COLOUR_TOLERANCE = 2.0  # % of the HR channel mean
 

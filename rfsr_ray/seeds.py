@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: Ray Data's processes (the pair tasks, the
+# dataset manager, the split coordinator) import this module for NumPy streams only, and each
+# would otherwise pay torch's import (~3 s of CPU on 2 cores) on every run.
 
 
 def seed_sequence(seed: int, stream: str, *keys: int) -> np.random.SeedSequence:
@@ -40,6 +47,8 @@ def derive_seed(seed: int, stream: str, *keys: int) -> int:
 def torch_generator(
     seed: int, stream: str, *keys: int, device: torch.device | str = "cpu"
 ) -> torch.Generator:
+    import torch
+
     return torch.Generator(device=device).manual_seed(derive_seed(seed, stream, *keys))
 
 
@@ -49,4 +58,6 @@ def seed_globals(seed: int, rank: int) -> None:
     from config agree before DDP broadcasts rank 0's."""
     random.seed(derive_seed(seed, "python", rank))
     np.random.seed(derive_seed(seed, "numpy", rank) % 2**32)
+    import torch
+
     torch.manual_seed(derive_seed(seed, "init"))

@@ -18,11 +18,15 @@ def ray_cluster():
 
     Ray Data's Parquet reader starts up to 32 footer-reading actors per read, sized for cloud
     storage: on 2 cores those Python processes cost ~7 s of CPU per read of a small local file,
-    so the session (and the workers, which inherit the environment) reads with one."""
+    so the session (and the workers, which inherit the environment) reads with one.
+
+    Ray Train's preemption watcher (one more actor per fit, ~3 s of CPU to import, polling a
+    drain state a local machine never enters) is off: nothing here is preempted."""
     import ray
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        patch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             import ray.data

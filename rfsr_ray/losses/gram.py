@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import vgg19
 
 from rfsr_ray.config import GramLossConfig
 from rfsr_ray.errors import WeightsError
@@ -79,6 +78,10 @@ class VGGFeatures(nn.Module):
                 "there, set losses.gram.vgg_weights, or set losses.gram.allow_random_vgg=true to "
                 "run with seeded random features"
             )
+        # Imported here: the driver and `weights.py` use this module's paths only, and
+        # torchvision's models cost them ~1.5 s of import.
+        from torchvision.models import vgg19
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             trunk = vgg19(weights=None).features[: VGG19_LAYERS[-1] + 1]

@@ -31,7 +31,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,9 +40,11 @@ from safetensors.torch import load_file, save_file
 
 from rfsr_ray.config import RFSRConfig
 from rfsr_ray.errors import TrainingError
-from rfsr_ray.models.protocol import ISRDiffusionModel
 from rfsr_ray.tracking.mlflow_run import flatten
-from rfsr_ray.train.step import TrainState
+
+if TYPE_CHECKING:  # types only: the driver imports this module, and the models cost ~8 s
+    from rfsr_ray.models.protocol import ISRDiffusionModel
+    from rfsr_ray.train.step import TrainState
 
 COMPLETE_MARKER = "COMPLETE"
 LEGACY_MARKER = "ok\n"  # the marker's text before it listed file sizes

@@ -31,11 +31,10 @@ from rfsr_ray.errors import ConfigError, DataError, TrainingError
 from rfsr_ray.losses.gram import find_vgg_weights
 from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.train.checkpoint import Progress, config_changes, latest_checkpoint
+from rfsr_ray.train.context import LoopContext, ValidationSet
 from rfsr_ray.train.entry import run_worker, worker_config
-from rfsr_ray.train.loop import LoopContext
 from rfsr_ray.train.progress import ConsoleProgress, ProgressBoard
 from rfsr_ray.train.tagging import TAG_COLUMNS, add_tags, check_placement, cluster_nodes
-from rfsr_ray.train.validate import ValidationSet
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")

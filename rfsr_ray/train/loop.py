@@ -42,6 +42,7 @@ from rfsr_ray.train.checkpoint import (
     save_checkpoint,
     save_into_run,
 )
+from rfsr_ray.train.context import LoopContext
 from rfsr_ray.train.monitor import HackingMonitor
 from rfsr_ray.train.objective import objective_parts, objective_reward
 from rfsr_ray.train.progress import post_line, post_step
@@ -54,26 +55,10 @@ from rfsr_ray.train.step import (
     build_state,
     optimizer_step,
 )
-from rfsr_ray.train.validate import ValidationSet, Validator, gains
+from rfsr_ray.train.validate import Validator, gains
 from rfsr_ray.weights import require_weights
 
 log = logging.getLogger("rfsr_ray.train")
-
-
-@dataclass(frozen=True)
-class LoopContext:
-    """What the driver hands every worker besides the config (must stay picklable)."""
-
-    run_dir: str  # absolute; Ray's storage folder of the run: checkpoints, validation grids,
-    # the exported model and tables
-    run: mlflow_run.RunHandle | None = None
-    val_set: ValidationSet | None = None
-    data_stats: Any = None  # ActorHandle[PipelineStats] of the training pipeline
-    start_epoch: int = 0
-    board: Any = None  # ActorHandle[ProgressBoard]: rank 0 posts progress for the driver's bar
-    # Set on rank 0 when the worker starts (not by the driver): the last step `run` already holds
-    # metrics for; metrics at that step or earlier are not logged again.
-    logged_through: int = -1
 
 
 @dataclass

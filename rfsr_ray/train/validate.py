@@ -10,7 +10,6 @@ them. So no rank idles through a validation, and the numbers do not depend on th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,13 +21,13 @@ from rfsr_ray.images import (
     bicubic_upscale,
     centre_crop,
     labelled_grid,
-    to_tensor,
     to_uint8,
 )
 from rfsr_ray.iqa import create_metric
 from rfsr_ray.losses.gram import GramRegulariser
 from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models.protocol import ISRDiffusionModel
+from rfsr_ray.train.context import ValidationSet
 from rfsr_ray.train.monitor import HackingMonitor
 
 log = logging.getLogger("rfsr_ray.validate")
@@ -43,17 +42,6 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "gram_to_base": False}
 GRID_CROP = 256
 GRID_MIN_PANEL = 128
 GRID_COLUMNS = ("LR bicubic", "base", "fine-tuned", "HR")
-
-
-@dataclass(frozen=True)
-class ValidationSet:
-    """lr: uint8 (N, h, w, 3); hr: uint8 (N, h·s, w·s, 3)."""
-
-    lr: np.ndarray
-    hr: np.ndarray
-
-    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_tensor(self.lr, device), to_tensor(self.hr, device)
 
 
 def sample_set(

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from rfsr_ray.config import build_config
-from rfsr_ray.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -27,6 +25,12 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 def save_tiny_model(folder: Path, seed: int) -> Path:
     """A tiny randomly initialised x4 model saved like a pretrain export, in `folder/tiny_x4`."""
+    # Imported here: sweep tests define trial functions in their modules, so every trial actor
+    # imports this file, and the models would cost each one ~8 s of CPU.
+    import torch
+
+    from rfsr_ray.models import build_model
+
     cfg = build_config(
         {"model": {"tiny": {"block_out_channels": [16, 32], "prediction_type": "sample"}}}
     )

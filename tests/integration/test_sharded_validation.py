@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 
 from rfsr_ray.losses.rfsr import RFSRLosses
 from rfsr_ray.models import build_model
-from rfsr_ray.train.validate import ValidationSet, Validator
+from rfsr_ray.train.context import ValidationSet
+from rfsr_ray.train.validate import Validator
 from tests.unit.helpers import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -11,9 +11,10 @@ from rfsr_ray.config import HackingMonitorConfig, build_config
 from rfsr_ray.errors import ConfigError
 from rfsr_ray.models import build_model
 from rfsr_ray.train import loop
+from rfsr_ray.train.context import ValidationSet
 from rfsr_ray.train.monitor import HackingMonitor
 from rfsr_ray.train.step import build_state
-from rfsr_ray.train.validate import ValidationSet, Validator
+from rfsr_ray.train.validate import Validator
 
 
 def run(rewards, held_out, **settings):

@@ -10,7 +10,8 @@ import torch
 from rfsr_ray.models import build_model
 from rfsr_ray.schedule import resolve_windows
 from rfsr_ray.train.checkpoint import Progress, save_checkpoint
-from rfsr_ray.train.loop import LoopContext, _restore
+from rfsr_ray.train.context import LoopContext
+from rfsr_ray.train.loop import _restore
 from rfsr_ray.train.step import build_state
 from tests.unit.helpers import tiny_config
 
