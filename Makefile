@@ -2,6 +2,11 @@
 # `make test-fast` (unit tests only, a few minutes; tests/README.md).
 # Each creates .venv on first use and reuses it while pyproject.toml and constraints.txt are unchanged.
 PYTHON ?= python3
+# Python caches each compiled module in __pycache__ (gitignored). A shell that sets
+# PYTHONDONTWRITEBYTECODE (this project's CI machines do) makes every process compile the package
+# from source again: the demo and the suite start about a dozen Ray processes per fit, each
+# paying ~1 s of CPU for it on 2 cores.
+unexport PYTHONDONTWRITEBYTECODE
 VENV := .venv
 STAMP := $(VENV)/.installed
 
