@@ -89,10 +89,16 @@ def test_missing_config_file():
         load_config("nope.yaml")
 
 
+_REPO = Path(__file__).parents[2]
+
+
+# Ids are paths relative to the checkout, so the collected ids are the same in every clone.
 @pytest.mark.parametrize(
-    "path", sorted(str(p) for p in (Path(__file__).parents[2] / "configs").rglob("*.yaml"))
+    "path",
+    sorted(str(p.relative_to(_REPO)) for p in (_REPO / "configs").rglob("*.yaml")),
 )
 def test_every_shipped_config_loads(path):
+    path = str(_REPO / path)
     cfg = load_config(path)
     assert cfg.model.family in ("tiny", "sd_upscaler", "controlnet_sr", "seesr")
 
