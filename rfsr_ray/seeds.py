@@ -5,6 +5,7 @@ streams: no stream is another plus an offset, and two streams never collide. Str
 
 - `data`: degradations and crops of one training pair (keys: source hash words, crop, epoch, use)
 - `val_data`: the held-out validation pairs made from `data.val_source`
+- `shuffle`: each worker's local shuffle of its pairs (keys: rank, pass over the data)
 - `index`: the sampler index of each micro-batch, the same on every rank (no keys)
 - `noise`: x_T and the sampler's noise in training (keys: rank[, resume step])
 - `validation`: x_T of every validation sample, the same at each validation

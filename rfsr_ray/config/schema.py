@@ -182,7 +182,13 @@ class DataConfig(StrictModel):
     batch_size: int = Field(16, ge=1, description="images per degradation batch")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each degradation task")
     concurrency: int | None = Field(None, ge=1, description="max parallel degradation tasks")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="shuffle each worker's pairs in a seeded buffer")
+    deterministic: bool = Field(
+        True,
+        description="the same pairs in the same order on every rank for the same seeds: Ray "
+        "Data keeps block order and splits without locality hints (off: faster ingest on a "
+        "busy multi-node cluster, and the order of the pairs changes from run to run)",
+    )
     val_source: SourceConfig | None = None
     val_pairs: OptionalLocalPath = Field(None, description="Parquet pair set for validation")
     val_size: int = Field(4, ge=1)

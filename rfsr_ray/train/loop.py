@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import socket
@@ -77,17 +78,19 @@ class Timing:
 
 
 def _batches(
-    shard: Any, cfg: RFSRConfig, device: torch.device
+    shard: Any, cfg: RFSRConfig, device: torch.device, rank: int
 ) -> Iterator[tuple[Batch, int] | None]:
-    """(batch, data epoch) from this worker's shard; None marks the end of one pass."""
+    """(batch, data epoch) from this worker's shard; None marks the end of one pass. The local
+    shuffle is seeded by rank and pass (`shuffle` stream): unseeded, Ray draws it from the OS."""
     shuffle = 4 * cfg.train.batch_size if cfg.data.shuffle else None
     fallback = cfg.model.prompt.text
-    while True:
+    for data_pass in itertools.count():
         for rows in shard.iter_batches(
             batch_size=cfg.train.batch_size,
             batch_format="numpy",
             prefetch_batches=2,
             local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=seeds.derive_seed(cfg.data.seed, "shuffle", rank, data_pass) % 2**32,
         ):
             prompts, image_embeds = None, None
             if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
@@ -326,7 +329,7 @@ def _train(
         _report(state, cfg, context, progress, rank, validator)
         return
     device = state.params[0].device
-    stream = _batches(ray.train.get_dataset_shard("train"), cfg, device)
+    stream = _batches(ray.train.get_dataset_shard("train"), cfg, device, rank)
     timing = Timing()
     while state.step < cfg.train.steps:
         started = time.perf_counter()

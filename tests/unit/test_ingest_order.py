@@ -1,0 +1,56 @@
+"""The same seeds give each rank the same pairs in the same order (`data.deterministic`): Ray Data
+keeps block order, the split ignores locality, and each worker's local shuffle is seeded by rank
+and pass. Measured through finetune.py (2 workers, 2 steps, the same config twice): before, the
+first step's loss was 0.227 and 0.225; with this, 0.2215 both times."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rfsr_ray.config import build_config
+from rfsr_ray.train.driver import ingest_config
+from rfsr_ray.train.loop import _batches
+
+
+def test_ingest_keeps_order_and_ignores_locality_unless_turned_off():
+    on = ingest_config(build_config({}))
+    assert on._user_execution_options.preserve_order is True
+    assert on._enable_shard_locality is False
+    off = ingest_config(build_config({"data": {"deterministic": False}}))
+    assert off._user_execution_options.preserve_order is False
+    assert off._enable_shard_locality is True
+
+
+class RecordingShard:
+    """A shard that records the arguments of each pass and yields one batch of 2 pairs."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def iter_batches(self, **kwargs):
+        self.calls.append(kwargs)
+        rows = {
+            "lr": np.zeros((2, 4, 4, 3), np.uint8),
+            "hr": np.zeros((2, 16, 16, 3), np.uint8),
+            "epoch": np.zeros(2, np.int64),
+        }
+        yield rows
+
+
+def shuffle_seeds(rank: int, passes: int) -> list[int]:
+    cfg = build_config({"train": {"batch_size": 2}})
+    shard = RecordingShard()
+    stream = _batches(shard, cfg, torch.device("cpu"), rank)
+    for _ in range(2 * passes):  # a batch, then the end-of-pass marker
+        next(stream)
+    assert all(call["local_shuffle_buffer_size"] == 8 for call in shard.calls)
+    return [call["local_shuffle_seed"] for call in shard.calls]
+
+
+def test_local_shuffle_is_seeded_by_rank_and_pass():
+    rank0 = shuffle_seeds(0, passes=2)
+    assert rank0 == shuffle_seeds(0, passes=2)  # the same in every run
+    assert rank0[0] != rank0[1]  # a new order each pass
+    assert set(rank0).isdisjoint(shuffle_seeds(1, passes=2))  # and each rank
+    assert all(seed is not None and 0 <= seed < 2**32 for seed in rank0)
