@@ -329,7 +329,7 @@ def test_training_batches_carry_captions_as_prompts_with_the_fixed_text_as_fallb
             }
 
     cfg = build_config({"model": {"prompt": {"text": "a photo", "from_data": True}}})
-    batch, epoch = next(_batches(Shard(), cfg, torch.device("cpu")))
+    batch, epoch = next(_batches(Shard(), cfg, torch.device("cpu"), rank=0))
     assert batch.prompts == ["a red car", "a photo"] and epoch == 0
     assert batch.lr_image.shape == (2, 3, 8, 8) and batch.lr_image.dtype == torch.float32
 
