@@ -97,6 +97,9 @@ def init_ray(num_cpus: int | None = None, py_modules: Sequence[str] = ()) -> Non
         # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
         # dashboard serves; without it the cleaner warns every few seconds.
         info = ray.init(
+            # "local": never the cluster a `ray start --head` recorded in /tmp/ray (ray.init's
+            # default joins it, then refuses num_cpus); $RAY_ADDRESS is how a job joins one.
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             log_to_driver=True,

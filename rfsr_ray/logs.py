@@ -88,6 +88,22 @@ def setup_worker() -> None:
     the driver's progress bar and validation lines replace them on the console."""
     verbose_mode = verbose()
     _apply(verbose_mode, logging.INFO if verbose_mode else logging.WARNING)
+    pin_cluster_address()
+
+
+def pin_cluster_address() -> None:
+    """Point this worker's address lookups at its own cluster ($RAY_ADDRESS, unless set).
+
+    Ray Train's placement-group cleaner (an actor of every fit) asks the State API whether the
+    controller lives; the State API finds "the" cluster from $RAY_ADDRESS, else by scanning the
+    machine's GCS processes. A local run's workers have no $RAY_ADDRESS, so with a second Ray
+    instance on the machine (another run, a notebook, `ray start`) the lookup raises "Found
+    multiple active Ray instances", the cleaner's thread dies and its traceback reaches the
+    console."""
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def ray_runtime_env(local_cluster: bool) -> dict:

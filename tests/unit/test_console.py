@@ -108,6 +108,7 @@ def test_a_fired_hacking_monitor_adds_a_warning_that_names_the_falling_metric():
 def test_workers_are_quiet_by_default_and_verbose_restores_info(monkeypatch):
     names = ["rfsr_ray", "ray.data", "mlflow", "bitsandbytes.backends.cpu.ops"]
     saved = {name: logging.getLogger(name).level for name in names}
+    monkeypatch.setenv("RAY_ADDRESS", "")  # setup_worker may pin it; undone after the test
     try:
         monkeypatch.setenv(logs.VERBOSE_ENV, "0")
         logs.setup_worker()
@@ -133,3 +134,4 @@ def test_the_runtime_env_carries_the_setup_hook_and_verbosity(monkeypatch):
     local = logs.ray_runtime_env(local_cluster=True)["env_vars"]
     assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert local["RAY_DATA_LOG_LEVEL"] == local["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+
