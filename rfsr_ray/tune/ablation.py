@@ -135,6 +135,19 @@ class Study:
     failed: dict[str, list[TrialRow]]  # variant → trials that failed or reported nothing
     paired: dict[str, dict[str, Paired]]  # variant → metric column → paired difference
 
+    def baseline_gains(self) -> dict[str, tuple[Paired, int]]:
+        """The baseline's own gains over the base model per gain column, with the number of
+        seeds where it is positive. Each seed's gain is already a paired difference (fine-tuned
+        − base on the same held-out crops), so its mean and t interval say whether fine-tuning
+        moved the metric at all."""
+        gains = {}
+        for m in self.metrics:
+            if m.column.endswith(("_gain", "_gain_db")):
+                values = [_value(row, m.key) for row in self.seeds[self.baseline].values()]
+                gain = paired_difference(values, self.confidence)
+                gains[m.column] = (gain, sum(v > 0 for v in values))
+        return gains
+
     @property
     def comparisons(self) -> int:
         return sum(len(by_metric) for by_metric in self.paired.values())
@@ -226,6 +239,17 @@ def markdown(study: Study) -> str:
             mean, std, _ = mean_std(study, variant, metric)
             cells.append(_g(mean) + (f" ± {_g(std)}" if math.isfinite(std) else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    gains = [
+        f"{column} {_g(p.mean)} [{_g(p.low)}, {_g(p.high)}], > 0 on {positive} of {p.n} seeds"
+        + ("; **excludes 0**" if p.significant else "")
+        for column, (p, positive) in study.baseline_gains().items()
+    ]
+    if gains:
+        lines += [
+            "",
+            f"`{study.baseline}`'s own gains over the base model, mean [{level} t interval over "
+            "seeds]: " + " · ".join(gains) + ".",
+        ]
     lines += [
         "",
         f"Paired differences with `{study.baseline}` (variant − {study.baseline} on the same "

@@ -134,6 +134,15 @@ def test_the_table_pairs_by_seed_marks_only_intervals_without_zero_and_lists_fai
     assert "**-0.0051 [" in table  # marked
     assert "| same | 2 |" in table and "same seed 2 (trial same2): RuntimeError" in table
     assert f"{study.comparisons} comparisons (2 variants × " in table
+    # The baseline's own gains: reward 0.01, 0.02, 0.03 (positive on every seed, but the
+    # interval of 3 holds 0); PSNR 0.1 on every seed (the interval excludes 0).
+    gains = study.baseline_gains()
+    reward, positive = gains["reward_gain"]
+    assert (reward.n, positive) == (3, 3) and reward.mean == pytest.approx(0.02)
+    assert not reward.significant and gains["psnr_gain_db"][0].significant
+    assert "reward_gain 0.02 [-0.00484, 0.0448], > 0 on 3 of 3 seeds ·" in table
+    assert "psnr_gain_db 0.1 [0.1, 0.1], > 0 on 3 of 3 seeds; **excludes 0**" in table
+    assert "seconds_per_step" not in gains and "gram_to_base" not in gains
     assert study.comparisons == 2 * len(study.metrics)
 
 

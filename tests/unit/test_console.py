@@ -134,4 +134,3 @@ def test_the_runtime_env_carries_the_setup_hook_and_verbosity(monkeypatch):
     local = logs.ray_runtime_env(local_cluster=True)["env_vars"]
     assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert local["RAY_DATA_LOG_LEVEL"] == local["MLFLOW_LOGGING_LEVEL"] == "WARNING"
-
