@@ -4,7 +4,8 @@
 streams: no stream is another plus an offset, and two streams never collide. Streams used:
 
 - `data`: degradations and crops of one training pair (keys: source hash words, crop, epoch, use)
-- `val_data`: the held-out validation pairs made from `data.val_source`
+- `val_data`: the held-out validation pairs made from `data.val_source` (from `data.val_seed`
+  where it is set)
 - `shuffle`: each worker's local shuffle of its pairs (keys: rank, pass over the data)
 - `index`: the sampler index of each micro-batch, the same on every rank (no keys)
 - `noise`: x_T and the sampler's noise in training (keys: rank[, resume step])

@@ -192,6 +192,13 @@ class DataConfig(StrictModel):
     val_source: SourceConfig | None = None
     val_pairs: OptionalLocalPath = Field(None, description="Parquet pair set for validation")
     val_size: int = Field(4, ge=1)
+    val_seed: int | None = Field(
+        None,
+        ge=0,
+        description="seeds the held-out crops made from data.val_source (None: derived from "
+        "data.seed, so each seed of a sweep or ablation is validated on its own crops; set it "
+        "to validate every seed on one held-out set)",
+    )
     val_patch_size: int | None = Field(
         None,
         ge=16,

@@ -132,8 +132,10 @@ def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
     if cfg.data.val_pairs:
         rows = read_pair_dataset(cfg.data.val_pairs).take(cfg.data.val_size)
     elif cfg.data.val_source is not None:
-        # Held-out pairs from another seed, so they never coincide with training crops.
-        val_seed = seeds.derive_seed(cfg.data.seed, "val_data")
+        # Held-out pairs from their own seed stream, so they never coincide with training crops
+        # (even when val_source is a training source); data.val_seed fixes them across seeds.
+        root = cfg.data.seed if cfg.data.val_seed is None else cfg.data.val_seed
+        val_seed = seeds.derive_seed(root, "val_data")
         size = cfg.data.val_patch_size or cfg.data.patch_size
         data = cfg.data.model_copy(update={"seed": val_seed, "pad_small": True, "patch_size": size})
         pipeline = build_pair_dataset(data, cfg.degradation, sources=(cfg.data.val_source,))

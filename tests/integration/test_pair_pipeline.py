@@ -165,3 +165,19 @@ def test_captions_travel_with_their_pairs(ray_cluster, tmp_path):
         build_config(
             {"data": {"sources": [{"kind": "folder", "path": "x", "caption_column": "t"}]}}
         )
+
+
+def test_val_seed_fixes_the_held_out_crops_across_seeds(ray_cluster):
+    """Without data.val_seed each data.seed gets its own held-out crops; with it, every seed is
+    validated on the same ones (an ablation compares seeds on one held-out set)."""
+    from rfsr_ray.train.driver import build_validation_set
+
+    def held_out(**data):
+        base = {"sources": ["builtin:astronaut"], "val_source": "builtin:coffee", "val_size": 2}
+        return build_validation_set(small_config(data={**base, **data})).hr
+
+    seed0, seed1 = held_out(seed=0), held_out(seed=1)
+    assert seed0.shape == (2, 32, 32, 3) and not np.array_equal(seed0, seed1)
+    fixed0, fixed1 = held_out(seed=0, val_seed=5), held_out(seed=1, val_seed=5)
+    assert np.array_equal(fixed0, fixed1) and not np.array_equal(fixed0, seed0)
+    assert np.array_equal(held_out(seed=3, val_seed=0), seed0)  # val_seed s = data.seed s
