@@ -75,7 +75,7 @@ def test_a_rerun_continues_the_run_and_a_changed_config_needs_resume(
 ):
     """Re-running a run name with more steps continues it from its checkpoint in the same MLflow
     run; a changed training key is refused unless --resume, which keeps the old config. Train's
-    local mode (the driver's rerun logic is what is tested; test_buffer_resume.py continues a
+    local mode (the driver's rerun logic is what is tested; test_worker_failure.py continues a
     2-worker DDP run from Ray's copy of its checkpoint), which writes its checkpoints into the
     run folder itself, keeping train.keep_checkpoints of them."""
     args = tiny_args(tmp_path, base_model, "resumable", train__steps=2, train__num_workers=0)
