@@ -23,6 +23,7 @@ scale) still counts in `l1`; `kl` compares the pattern of each channel's co-acti
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -78,13 +79,7 @@ class VGGFeatures(nn.Module):
                 "there, set losses.gram.vgg_weights, or set losses.gram.allow_random_vgg=true to "
                 "run with seeded random features"
             )
-        # Imported here: the driver and `weights.py` use this module's paths only, and
-        # torchvision's models cost them ~1.5 s of import.
-        from torchvision.models import vgg19
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            trunk = vgg19(weights=None).features[: VGG19_LAYERS[-1] + 1]
+        trunk = _trunk()
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             trunk.load_state_dict(
@@ -95,6 +90,8 @@ class VGGFeatures(nn.Module):
                 }
             )
         else:
+            if trunk[0].weight.device.type != "meta":  # a FLOP count needs no values
+                trunk.load_state_dict(_seeded_random_trunk(seed))
             # Per process (every rank builds one); the driver warns once (train/driver.py).
             log.info("Gram regulariser uses seeded RANDOM VGG19 features (allow_random_vgg)")
         for module in trunk:  # in-place ReLUs would overwrite the pre-ReLU maps we keep
@@ -113,6 +110,32 @@ class VGGFeatures(nn.Module):
             if index in VGG19_LAYERS:
                 features.append(hidden)
         return features
+
+
+def _trunk() -> nn.Sequential:
+    """VGG19's layers up to conv5_4, uninitialised, on the current default device."""
+    # Imported here: the driver and `weights.py` use this module's paths only, and
+    # torchvision's models cost them ~1.5 s of import.
+    from torchvision.models import vgg19
+
+    device = torch.empty(0).device  # the caller's default device (a FLOP count uses meta)
+    with torch.device("meta"):  # structure only: torchvision would initialise every weight
+        trunk = vgg19(weights=None).features[: VGG19_LAYERS[-1] + 1]
+    return trunk.to_empty(device=device)
+
+
+@functools.cache
+def _seeded_random_trunk(seed: int) -> dict[str, torch.Tensor]:
+    """The trunk's weights as torchvision's random initialisation of vgg19 makes them under
+    `seed` (CPU tensors), computed once per process: it also draws the 123 M classifier
+    weights (~1.5 s of CPU), and a process builds the regulariser more than once (the losses
+    and the validator; the unit tests dozens of times)."""
+    from torchvision.models import vgg19
+
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = vgg19(weights=None).features[: VGG19_LAYERS[-1] + 1]
+    return trunk.state_dict()
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,13 @@
-"""Runs on one cluster started with `ray start --head`, beside the session's own cluster:
+"""`ray job submit` on a cluster started with `ray start --head`, beside the session's own
+cluster: the command a user runs on a cluster, with a plug-in family (`examples/ldm_sr`) whose
+package reaches the job's driver and its two Ray Train workers only through `model.py_modules`
+(the job's working directory, the repository, does not hold it on any import path). The export
+then reloads through `pipelines/upscale.py` in a fresh process from another directory.
 
-- `ray job submit` of `pipelines/finetune.py` (the command a user runs on a cluster);
-- a plug-in family (`examples/ldm_sr`) whose driver runs from another directory, so the package
-  reaches the driver and the two Ray Train workers only through `model.py_modules`; the export
-  then reloads through `pipelines/upscale.py`.
-
-The two share the head (module fixture): starting and stopping one costs ~15 s. The fixture stops
-only the head it started (`ray stop` would end every Ray cluster on the machine) and checks that
-the session's cluster still runs."""
+One job covers both (each fit costs ~40 s on 2 cores). The fixture stops only the head it
+started (`ray stop` would end every Ray cluster on the machine) and checks that the session's
+cluster still runs. Drivers joining a started cluster through $RAY_ADDRESS outside a job:
+test_tune.py's killed-sweep test and test_cluster_address.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import RAY, ROOT, RayHead, ray_head, tiny_args
+from tests.integration.conftest import RAY, ROOT, RayHead, ray_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 EXAMPLE = ROOT / "examples" / "ldm_sr"
@@ -49,43 +49,13 @@ def started_head(ray_cluster, head_env) -> Iterator[RayHead]:
     assert ray_cluster.get(ray_cluster.remote(lambda: 1).remote()) == 1
 
 
-def test_ray_job_submit_runs_finetune_on_a_started_cluster(
-    started_head, head_env, tmp_path, base_model
-):
-    # One worker: the job's Ray Train worker group still runs on the started cluster; DDP is
-    # tested in test_training.py.
-    args = tiny_args(tmp_path, base_model, "job", train__steps=2, train__num_workers=1)
-    submit = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        started_head.dashboard,
-        "--working-dir",
-        str(ROOT),
-        "--",
-        "python",
-        "pipelines/finetune.py",
-        *args,
-    ]
-    result = subprocess.run(submit, env=head_env, capture_output=True, text=True, timeout=480)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout
-    # `ray job submit` follows `ray job logs`: the same progress and validation lines as a local
-    # run, without Ray Train's per-report lines.
-    assert "step 2/2 (100%)" in result.stdout
-    assert "validation 2/2: psnr" in result.stdout
-    assert "TrainingReport(" not in result.stdout
-    assert (tmp_path / "runs" / "job" / "model" / "rfsr_model.json").is_file()
-
-
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
-def test_ldm_sr_plugin_trains_on_a_started_cluster_through_py_modules(
+def test_ray_job_submit_trains_a_plugin_family_shipped_by_py_modules(
     started_head, head_env, tmp_path
 ):
     workdir = tmp_path / "elsewhere"  # neither the repository nor the example
@@ -104,14 +74,17 @@ def test_ldm_sr_plugin_trains_on_a_started_cluster_through_py_modules(
         f"output.storage_path={tmp_path / 'runs'}",
         "output.run_name=ldm",
     ]
-    finetune = [sys.executable, str(ROOT / "pipelines" / "finetune.py")]
-    result = run(
-        [*finetune, "--config", str(EXAMPLE / "finetune_tiny.yaml"), *overrides],
-        workdir,
-        {**env, "RAY_ADDRESS": started_head.gcs},
-    )
-    assert "step 2/2 (100%)" in result.stdout + result.stderr
-    assert "validation 2/2: psnr" in result.stdout + result.stderr
+    config = EXAMPLE.relative_to(ROOT) / "finetune_tiny.yaml"  # inside the working directory
+    submit = [RAY, "job", "submit", "--address", started_head.dashboard, "--working-dir",
+              str(ROOT), "--", "python", "pipelines/finetune.py", "--config", str(config),
+              *overrides]  # fmt: skip
+    result = run(submit, workdir, env)
+    assert "succeeded" in result.stdout
+    # `ray job submit` follows `ray job logs`: the same progress and validation lines as a local
+    # run, without Ray Train's per-report lines.
+    assert "step 2/2 (100%)" in result.stdout
+    assert "validation 2/2: psnr" in result.stdout
+    assert "TrainingReport(" not in result.stdout
     export = tmp_path / "runs" / "ldm" / "model"
     info = json.loads((export / "rfsr_model.json").read_text())
     assert (info["family"], info["builder"], info["name"]) == (
