@@ -1,12 +1,21 @@
-"""An ablation study end to end: 2 variants × 2 seeds of the tiny model through the real
-pipeline (`pipelines/ablate.py`), one trial made to fail. The table's numbers are checked against
-the trials' own MLflow runs, and the failed trial is reported, not dropped."""
+"""An ablation study end to end: 2 variants × 2 seeds through the real pipeline
+(`pipelines/ablate.py`: the study config, Tune, the MLflow parent and child runs, the tables and
+plots), one trial made to fail. The table's numbers are checked against the trials' own MLflow
+runs, and the failed trial is reported, not dropped.
+
+The trials are scripted: each gets its config (the variant applied) and its child run from
+`prepare_trial`, as a real trial does, and reports at each validation the numbers a real trial
+reports (`val_reward_gain`, `val_*_gain` of the held-out metrics, `val_gram_to_base`,
+`val_objective`, `seconds_per_step`), made up from its variant and seed. What is tested here is
+the study; the real trial (`run_trial`: a fine-tune reporting to Tune and MLflow) runs in
+test_tune.py's two-trial sweep, and validation's Gram distance with the regulariser off in
+tests/unit/test_validation_grid.py. Real trials cost ~45 s of CPU each on 2 cores.
+"""
 
 from __future__ import annotations
 
 import csv
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +23,39 @@ import pytest
 from PIL import Image
 
 from pipelines import ablate as ablate_pipeline
+from rfsr_ray.tracking import mlflow_run
 from rfsr_ray.tune import sweep
-from rfsr_ray.tune.sweep import SweepContext, run_sweep, run_trial
+from rfsr_ray.tune.sweep import SweepContext, prepare_trial, run_sweep
 from tests.integration.conftest import mlflow_client, tiny_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+STEPS = 2
 
 
-def failing_for_no_gram_seed_1(params: dict[str, Any], context: SweepContext) -> None:
+def scripted_trial(params: dict[str, Any], context: SweepContext) -> None:
+    """Reports made-up validations at every step; no_gram seed 1 fails before its first."""
+    from ray import tune
+
     if (params["variant"], params["seed"]) == ("no_gram", 1):
         raise RuntimeError("deliberate failure of no_gram seed 1")
-    run_trial(params, context)
+    trial = prepare_trial(params, context)
+    cfg = trial.cfg
+    run = mlflow_run.start_run(cfg, cfg.output.run_name, trial.run_id, trial.tags)
+    gram = 1.0 if cfg.losses.gram.enabled else 3.0  # off: validation still measures it
+    for step in range(1, cfg.train.steps + 1):
+        gain = 1e-3 * step * (cfg.train.seed + 1) * (0.5 if cfg.losses.gram.enabled else 1.0)
+        report = {
+            "val_reward_gain": gain,
+            "val_objective": gain,
+            "val_gram_to_base": 1e-4 * gram * step,
+        }
+        # Validation always scores psnr and ssim, and the monitor's held-out metrics.
+        held_out = [n for n in cfg.held_out_metrics() if n not in ("psnr", "ssim")]
+        for i, name in enumerate(["psnr", "ssim", *held_out]):
+            report[f"val_{name}_gain"] = -gain * (i + 1)
+        mlflow_run.log_metrics(run, report, step)
+        tune.report({"step": step, "seconds_per_step": 0.1 * gram, **report})
+    mlflow_run.end_run(run)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -35,14 +66,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_two_variant_two_seed_study_matches_mlflow_and_reports_the_failed_trial(
     ray_cluster, tmp_path, base_model, monkeypatch, capsys
 ):
-    monkeypatch.setattr(
-        sweep, "run_sweep", functools.partial(run_sweep, trial_fn=failing_for_no_gram_seed_1)
-    )
+    monkeypatch.setattr(sweep, "run_sweep", functools.partial(run_sweep, trial_fn=scripted_trial))
     args = tiny_args(
         tmp_path,
         base_model,
         train__num_workers=1,
-        train__steps=2,
+        train__steps=STEPS,
         train__checkpoint_every=2,
         train__validate_every=1,
         tracking__experiment="ablation",
@@ -97,8 +126,13 @@ def test_two_variant_two_seed_study_matches_mlflow_and_reports_the_failed_trial(
         seed0["no_gram"] - seed0["rfsr"]
     )  # one pair: the difference, without an interval
     assert summary["no_gram"]["reward_gain_diff_low"] == "nan"
-    # Gram off: nothing pulls towards the base's Gram matrices, and the Gram loss is not run.
-    assert math.isfinite(float(summary["no_gram"]["gram_to_base_mean"]))
+    assert float(summary["no_gram"]["gram_to_base_mean"]) == pytest.approx(3e-4 * STEPS)
+    # Each trial trained its variant of the study's config (the child run's params).
+    for child in children:
+        params = child.data.params
+        variant = child.data.tags["rfsr.trial_params"]
+        assert params["losses.gram.enabled"] == ("False" if "no_gram" in variant else "True")
+        assert params["losses.monitor.gram_to_base"] == "True"  # the study measures it for all
 
     for plot in ("reward_vs_psnr.png", "curves.png"):
         image = Image.open(study / plot).convert("L")

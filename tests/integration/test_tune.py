@@ -87,9 +87,22 @@ def test_two_trial_sweep_writes_table_plots_child_runs_and_best_config(
     assert {c.data.params["schedule.split.reward_start"] for c in children} == {"2"}
     assert {c.info.status for c in children} == {"FINISHED"}
     client = mlflow_client(tmp_path)
+    by_trial = {row["trial"]: row for row in rows}
     for child in children:
         history = client.get_metric_history(child.info.run_id, "val_objective")
         assert sorted(m.step for m in history) == [0, 2]
+        # What the trial's fine-tune reported to Tune is what it logged: each number of the
+        # table is the child run's value at the last step (test_ablation.py's study relies on it).
+        row = by_trial[child.data.tags["rfsr.trial_id"]]
+        for column, key in (
+            ("objective", "val_objective"),
+            ("reward_gain", "val_reward_gain"),
+            ("psnr_change_db", "val_psnr_gain"),
+            ("gram_distance", "val_gram_to_base"),
+        ):
+            last = max(client.get_metric_history(child.info.run_id, key), key=lambda m: m.step)
+            assert last.step == 2
+            assert float(row[column]) == pytest.approx(last.value, rel=1e-6, abs=1e-9), column
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "fidelity_perception.png", "best_config.yaml"} <= artifacts
 

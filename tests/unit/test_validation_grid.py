@@ -135,6 +135,27 @@ def validated():
     return validator, val_set, base, current, grid
 
 
+def test_with_the_gram_regulariser_off_validation_still_measures_the_gram_distance():
+    """An ablation's no_gram variant (`losses.monitor.gram_to_base`, which every study sets):
+    the losses hold no Gram term, and validation reports the distance to the base model's Gram
+    matrices through the VGG19 the regulariser would use: 0 for the base, > 0 once the weights
+    moved. Without the key it reports none."""
+    cfg = tiny_config(losses={"gram": {"enabled": False}, "monitor": {"gram_to_base": True}})
+    losses = RFSRLosses(cfg, CPU)
+    assert losses.gram is None
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.scale)
+    validator = Validator(cfg, _validation_set(2, 32), losses, CPU)
+    assert validator.base(model)["gram_to_base"] == 0.0
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    current, _ = validator.run(model)
+    assert 0.0 < current["gram_to_base"] < float("inf")
+    quiet = Validator(_tiny_cfg(), _validation_set(2, 32), RFSRLosses(_tiny_cfg(), CPU), CPU)
+    assert "gram_to_base" not in quiet.base(model)
+
+
 def test_per_sample_scores_average_to_the_reported_metrics(validated):
     validator, _, base, current, _ = validated
     assert set(validator.last_scores) == set(current) == {"psnr", "ssim", "piqe", "reward_gmsd"}
