@@ -15,7 +15,7 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,12 +116,19 @@ def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]
     return item
 
 
-def _wrap_for_ddp(state: TrainState) -> NoSync:
-    """Run the model's trained forward passes through DDP (Ray's `prepare_model`; one worker
-    gets the module back unwrapped); returns a no_sync context factory over the wrappers."""
-    wrappers = state.model.wrap_trainable(
-        lambda module: ray.train.torch.prepare_model(module, move_to_device=False)
-    )
+def _ray_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """Ray's `prepare_model`: DistributedDataParallel in a group of several workers (device ids
+    on a GPU), the module itself for one worker."""
+    return ray.train.torch.prepare_model(module, move_to_device=False)
+
+
+def wrap_for_ddp(
+    state: TrainState, prepare: Callable[[torch.nn.Module], torch.nn.Module] = _ray_ddp
+) -> NoSync:
+    """Run the model's trained forward passes through DDP (`prepare` wraps each trainable
+    module; tests that fork their own gloo ranks pass DistributedDataParallel); returns a
+    no_sync context factory over the wrappers."""
+    wrappers = state.model.wrap_trainable(prepare)
 
     @contextlib.contextmanager
     def no_sync() -> Iterator[None]:
@@ -290,7 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = _logged_through(context, rank)
     if rank == 0 and state.step == 0 and cfg.train.loss == "rfsr":
         _record_timesteps(model, cfg, context)
-    no_sync = _wrap_for_ddp(state)
+    no_sync = wrap_for_ddp(state)
     autocast = autocast_for(cfg.train.mixed_precision, device)
     validator = None
     if context.val_set is not None:  # every rank samples its share of each validation
