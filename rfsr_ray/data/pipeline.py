@@ -42,11 +42,13 @@ class PipelineStats:
 @dataclass(frozen=True)
 class PairPipeline:
     dataset: ray.data.Dataset
-    stats: Any  # ActorHandle[PipelineStats]
+    stats: Any  # ActorHandle[PipelineStats], None for a pipeline built with count=False
 
     def counts(self) -> dict[str, int]:
         """Outcome counts so far: `decoded`, `pairs`, `skipped_*`, `converted_*`, and `tagged`
         when a seesr run's tagger stage (rfsr_ray.train.tagging) counts into it."""
+        if self.stats is None:
+            raise ValueError("this pipeline was built with count=False: it keeps no counts")
         return ray.get(self.stats.snapshot.remote())
 
 
@@ -56,7 +58,8 @@ def _pair_batch(
     # One OpenCV thread per task: Ray already runs one task per reserved CPU.
     cv2.setNumThreads(1)
     pairs, counts = make_pair_batch(batch, data, degradation)
-    ray.get(stats.add.remote(dict(counts)))  # blocking, so counts are complete when the stream is
+    if stats is not None:  # blocking, so counts are complete when the stream is
+        ray.get(stats.add.remote(dict(counts)))
     return pairs
 
 
@@ -73,15 +76,18 @@ def build_pair_dataset(
     degradation: DegradationConfig,
     epochs: Sequence[int] = (0,),
     sources: tuple[SourceConfig, ...] | None = None,
+    count: bool = True,
 ) -> PairPipeline:
     """Lazy Dataset of pairs for the given epochs (each epoch draws fresh degradations).
 
     `sources` defaults to `data.sources`; pass `(data.val_source,)` for a held-out set.
+    `count`: keep outcome counts in a `PipelineStats` actor (one more Ray process; a caller
+    that never reads them passes False).
     """
     source_rows = read_sources(sources or data.sources)
     per_epoch = [_with_epoch(source_rows, epoch) for epoch in epochs]
     rows = per_epoch[0] if len(per_epoch) == 1 else per_epoch[0].union(*per_epoch[1:])
-    stats = PipelineStats.remote()
+    stats = PipelineStats.remote() if count else None
     dataset = rows.map_batches(
         _pair_batch,
         batch_size=data.batch_size,

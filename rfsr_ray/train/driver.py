@@ -138,7 +138,8 @@ def build_validation_set(cfg: RFSRConfig) -> ValidationSet | None:
         val_seed = seeds.derive_seed(root, "val_data")
         size = cfg.data.val_patch_size or cfg.data.patch_size
         data = cfg.data.model_copy(update={"seed": val_seed, "pad_small": True, "patch_size": size})
-        pipeline = build_pair_dataset(data, cfg.degradation, sources=(cfg.data.val_source,))
+        sources = (cfg.data.val_source,)  # its outcome counts are not reported: none kept
+        pipeline = build_pair_dataset(data, cfg.degradation, sources=sources, count=False)
         rows = pipeline.dataset.take(cfg.data.val_size)
     else:
         log.warning("no data.val_source or data.val_pairs: validation is off for this run")

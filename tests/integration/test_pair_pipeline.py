@@ -37,8 +37,8 @@ def test_builtin_stream_has_documented_schema(ray_cluster):
     assert pipeline.counts()["pairs"] == 8
 
 
-def test_same_pairs_with_any_parallelism(ray_cluster):
-    def collect(batch_size, concurrency):
+def test_same_pairs_with_any_parallelism_counted_or_not(ray_cluster):
+    def collect(batch_size, concurrency, count):
         cfg = small_config(
             data={
                 "sources": ["builtin:astronaut+coffee+rocket"],
@@ -46,10 +46,15 @@ def test_same_pairs_with_any_parallelism(ray_cluster):
                 "concurrency": concurrency,
             }
         )
-        rows = build_pair_dataset(cfg.data, cfg.degradation).dataset.take_all()
-        return {(r["source_id"], r["crop_index"]): r["lr"].tobytes() for r in rows}
+        pipeline = build_pair_dataset(cfg.data, cfg.degradation, count=count)
+        rows = pipeline.dataset.take_all()
+        return {(r["source_id"], r["crop_index"]): r["lr"].tobytes() for r in rows}, pipeline
 
-    assert collect(1, 3) == collect(3, 1)
+    pairs, _ = collect(1, 3, count=True)
+    uncounted, pipeline = collect(3, 1, count=False)  # how the validation set is made
+    assert pairs == uncounted
+    with pytest.raises(ValueError, match="count=False"):
+        pipeline.counts()
 
 
 def test_bad_inputs_are_skipped_and_counted(ray_cluster, tmp_path):
