@@ -2,12 +2,18 @@
 efficacy half of the step-mode comparison (benchmarks/step_modes.py measures the speed).
 
     .venv/bin/python benchmarks/step_modes_efficacy.py [--base outputs/base/tiny_x4] [--seeds 3]
+        [--same-time]
 
 Each run is `pipelines/finetune.py --config configs/demo.yaml` (its 80 steps, its held-out
 pairs) with only `schedule.mode` (and the buffer's refresh), `train.seed` and where outputs go
 changed; the figures are the last validation's `val_reward_gain` and `val_psnr_gain` (fine-tuned
-minus base on the held-out pairs), read back from the runs' MLflow store. Same number of steps
-for every mode; the same-wall-clock comparison is not made here.
+minus base on the held-out pairs), read back from the runs' MLflow store.
+
+The first table gives every mode the same number of steps. With `--same-time` a second table
+gives every mode trajectory mode's training time instead: each mode's time per optimiser step
+is measured in its equal-step runs (rank 0's `samples_per_s`, which leaves validation, start-up
+and checkpoints out), and the mode trains round(80 × trajectory's time per step / its own)
+steps, validated at the end.
 """
 
 from __future__ import annotations
@@ -19,11 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from rfsr_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = load_config(ROOT / "configs" / "demo.yaml").train
+DEMO_STEPS = DEMO.steps
+SAMPLES_PER_STEP = DEMO.batch_size * DEMO.grad_accum  # per worker, what samples_per_s counts
 MODES = {
     "trajectory": ["schedule.mode=trajectory"],
     "one_step": ["schedule.mode=one_step"],
@@ -32,10 +44,17 @@ MODES = {
 }
 
 
-def run(base: str, mode: list[str], seed: int, scratch: Path) -> tuple[str, float]:
+def run(
+    base: str, mode: list[str], seed: int, scratch: Path, steps: int | None = None
+) -> tuple[str, float]:
     name = f"{'_'.join(m.split('=')[1] for m in mode)}_seed{seed}".replace(".", "_")
+    length = []
+    if steps is not None:  # one validation at the end, as many steps as the time allows
+        name += f"_steps{steps}"
+        length = [f"train.steps={steps}", f"train.validate_every={steps}",
+                  f"train.checkpoint_every={steps}"]  # fmt: skip
     command = [sys.executable, "pipelines/finetune.py", "--config", "configs/demo.yaml",
-               f"model.pretrained={base}", f"train.seed={seed}", *mode,
+               f"model.pretrained={base}", f"train.seed={seed}", *mode, *length,
                f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}",
                f"output.storage_path={scratch / 'runs'}", f"output.run_name={name}"]  # fmt: skip
     started = time.perf_counter()
@@ -46,33 +65,80 @@ def run(base: str, mode: list[str], seed: int, scratch: Path) -> tuple[str, floa
     return run_id, time.perf_counter() - started
 
 
+@dataclass
+class Outcome:
+    gains: list[float] = field(default_factory=list)  # final held-out reward gain per seed
+    psnr: list[float] = field(default_factory=list)  # final ΔPSNR (dB) per seed
+    seconds: list[float] = field(default_factory=list)  # wall-clock per run
+    step_seconds: list[float] = field(default_factory=list)  # training time per step per run
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def measure(
+    client: MlflowClient, base: str, mode: list[str], seeds: int, scratch: Path,
+    steps: int | None = None,
+) -> Outcome:  # fmt: skip
+    outcome = Outcome()
+    for seed in range(seeds):
+        run_id, took = run(base, mode, seed, scratch, steps)
+        history = client.get_metric_history
+        outcome.gains.append(history(run_id, "val_reward_gain")[-1].value)
+        outcome.psnr.append(history(run_id, "val_psnr_gain")[-1].value)
+        outcome.seconds.append(took)
+        rates = [m.value for m in history(run_id, "samples_per_s")]
+        outcome.step_seconds.append(SAMPLES_PER_STEP / statistics.mean(rates))
+    return outcome
+
+
+def row(label: str, outcome: Outcome, steps: str) -> str:
+    return (
+        f"| {label} | {steps} | {statistics.mean(outcome.gains):+.4f} ± "
+        f"{_spread(outcome.gains):.4f} | {statistics.mean(outcome.psnr):+.3f} ± "
+        f"{_spread(outcome.psnr):.3f} | {', '.join(f'{g:+.4f}' for g in outcome.gains)} | "
+        f"{statistics.mean(outcome.step_seconds):.2f} | {statistics.mean(outcome.seconds):.0f} |"
+    )
+
+
+HEADER = (
+    "| mode | steps | reward gain (mean ± std) | ΔPSNR dB (mean ± std) | per seed (reward) "
+    "| s per step (training) | s per run |\n|---|---|---|---|---|---|---|"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="outputs/base/tiny_x4", help="the demo's base model")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument(
+        "--same-time", action="store_true", help="also give every mode trajectory's time"
+    )
     args = parser.parse_args()
+    if args.same_time and "trajectory" not in args.modes:
+        parser.error("--same-time measures against trajectory mode: include it in --modes")
     base = str(Path(args.base).resolve())
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         client = MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
-        print("| mode | reward gain (mean ± std) | ΔPSNR dB (mean ± std) | per seed (reward) | s |")
-        print("|---|---|---|---|---|")
+        print(f"same steps ({DEMO_STEPS} each):\n{HEADER}", flush=True)
+        outcomes = {}
         for label in args.modes:
-            mode = MODES[label]
-            gains, psnr, seconds = [], [], []
-            for seed in range(args.seeds):
-                run_id, took = run(base, mode, seed, scratch)
-                gains.append(client.get_metric_history(run_id, "val_reward_gain")[-1].value)
-                psnr.append(client.get_metric_history(run_id, "val_psnr_gain")[-1].value)
-                seconds.append(took)
-            spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-            print(
-                f"| {label} | {statistics.mean(gains):+.4f} ± {spread(gains):.4f} "
-                f"| {statistics.mean(psnr):+.3f} ± {spread(psnr):.3f} "
-                f"| {', '.join(f'{g:+.4f}' for g in gains)} | {statistics.mean(seconds):.0f} |",
-                flush=True,
-            )
+            outcomes[label] = measure(client, base, MODES[label], args.seeds, scratch)
+            print(row(label, outcomes[label], str(DEMO_STEPS)), flush=True)
+        if not args.same_time:
+            return
+        budget = DEMO_STEPS * statistics.mean(outcomes["trajectory"].step_seconds)
+        print(f"\nsame training time ({budget:.0f} s, trajectory's {DEMO_STEPS} steps):\n{HEADER}")
+        print(row("trajectory", outcomes["trajectory"], str(DEMO_STEPS)), flush=True)
+        for label in args.modes:
+            if label == "trajectory":
+                continue
+            steps = round(budget / statistics.mean(outcomes[label].step_seconds))
+            outcome = measure(client, base, MODES[label], args.seeds, scratch, steps)
+            print(row(label, outcome, str(steps)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ return; the retry must still resume from it, and log no step twice into the MLfl
 
 The trajectory buffer is not checkpointed: the retried worker group and the re-run each start
 with an empty buffer and roll out at their first step, which the logged staleness shows. One
-run covers both (each 2-worker fit costs ~40 s on 2 cores).
+run covers both (each 2-worker fit costs ~40 s on 2 cores). The re-run continues on another
+number of workers, Train's local mode (a rescaled cluster: the effective batch changes, and the
+run says so); a new 2-worker group resuming from the checkpoint is the retry's.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def kill_a_worker_when_complete(checkpoint: Path, killed: list[int]) -> None:
 
 
 def test_a_killed_worker_and_a_rerun_resume_ddp_and_rebuild_the_buffer(
-    ray_cluster, tmp_path, base_model
+    ray_cluster, tmp_path, base_model, caplog
 ):
     args = tiny_args(
         tmp_path,
@@ -93,8 +95,11 @@ def test_a_killed_worker_and_a_rerun_resume_ddp_and_rebuild_the_buffer(
     assert (run_dir / "checkpoint_00000004").is_dir()
     assert (run_dir / "model" / "rfsr_model.json").is_file()
 
-    # A re-run with more steps continues the 2-worker run from its checkpoint, in the same run.
-    assert finetune.main([*args, "train.steps=6"]) == 0
+    # A re-run with more steps continues the 2-worker run from its checkpoint, in the same run,
+    # on one process (train.num_workers may change on resume).
+    caplog.clear()
+    assert finetune.main([*args, "train.steps=6", "train.num_workers=0"]) == 0
+    assert "train.num_workers changed 2 → 0 on resume" in caplog.text
     client, rerun = only_run(tmp_path)
     assert rerun.info.run_id == run.info.run_id
     assert rerun.data.tags["rfsr.resume.2"].startswith("step 4 from ")
