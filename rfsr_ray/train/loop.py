@@ -338,25 +338,28 @@ def _train(
     device = state.params[0].device
     stream = _batches(ray.train.get_dataset_shard("train"), cfg, device, rank)
     timing = Timing()
-    while state.step < cfg.train.steps:
-        started = time.perf_counter()
-        micro_batches = []
-        if state.buffer is not None and not state.buffer.stale(state.step):
-            micro_batches = state.buffer.batches()  # served from the last rollout: no new pairs
-        for _ in range(cfg.train.grad_accum - len(micro_batches)):
-            batch, epoch = _next_batch(stream)
-            progress.data_epoch = max(progress.data_epoch, epoch)
-            micro_batches.append(batch)
-        timing.data_seconds += time.perf_counter() - started
-        result = optimizer_step(state, micro_batches, cfg, autocast, no_sync)
-        elapsed = time.perf_counter() - started
-        timing.total_seconds += elapsed
-        timing.run_seconds += elapsed
-        timing.run_steps += 1
-        timing.samples += sum(len(b.lr_image) for b in micro_batches)
-        _record(result, timing, state, cfg, context, rank)
-        if _report(state, cfg, context, progress, rank, validator, timing):
-            break
+    # Closed while Ray still runs: in Train's local mode (the loop in the driver) the garbage
+    # collector would close Ray Data's iterator after ray.shutdown, which logs tracebacks.
+    with contextlib.closing(stream):
+        while state.step < cfg.train.steps:
+            started = time.perf_counter()
+            micro_batches = []
+            if state.buffer is not None and not state.buffer.stale(state.step):
+                micro_batches = state.buffer.batches()  # served from the last rollout: no new pairs
+            for _ in range(cfg.train.grad_accum - len(micro_batches)):
+                batch, epoch = _next_batch(stream)
+                progress.data_epoch = max(progress.data_epoch, epoch)
+                micro_batches.append(batch)
+            timing.data_seconds += time.perf_counter() - started
+            result = optimizer_step(state, micro_batches, cfg, autocast, no_sync)
+            elapsed = time.perf_counter() - started
+            timing.total_seconds += elapsed
+            timing.run_seconds += elapsed
+            timing.run_steps += 1
+            timing.samples += sum(len(b.lr_image) for b in micro_batches)
+            _record(result, timing, state, cfg, context, rank)
+            if _report(state, cfg, context, progress, rank, validator, timing):
+                break
 
 
 def _record(

@@ -54,3 +54,55 @@ def test_local_shuffle_is_seeded_by_rank_and_pass():
     assert rank0[0] != rank0[1]  # a new order each pass
     assert set(rank0).isdisjoint(shuffle_seeds(1, passes=2))  # and each rank
     assert all(seed is not None and 0 <= seed < 2**32 for seed in rank0)
+
+
+class EndlessShard:
+    """A shard whose passes never end; records whether the loop closed its iterator."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def iter_batches(self, **kwargs):
+        rng = np.random.default_rng(0)
+        try:
+            while True:
+                hr = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+                yield {"lr": hr[:, ::4, ::4].copy(), "hr": hr, "epoch": np.zeros(2, np.int64)}
+        finally:
+            self.closed = True
+
+
+def test_the_loop_closes_its_data_stream_when_training_ends(tmp_path, monkeypatch):
+    """Closed while Ray runs: in Train's local mode (`train.num_workers=0`, the loop in the
+    driver) an open Ray Data iterator was closed by the garbage collector after ray.shutdown,
+    and every such run ended with two "Ray is not initialized" tracebacks."""
+    import contextlib
+
+    import ray.train
+
+    from rfsr_ray.models import build_model
+    from rfsr_ray.train import loop
+    from rfsr_ray.train.checkpoint import Progress
+    from rfsr_ray.train.context import LoopContext
+    from rfsr_ray.train.step import build_state
+    from tests.unit.helpers import tiny_config
+
+    cfg = tiny_config(
+        losses={"gram": {"enabled": False}},
+        train={"steps": 2, "num_workers": 0, "checkpoint_every": 2, "validate_every": 2},
+    )
+    shard, reports, streams = EndlessShard(), [], []
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard)
+    batches = loop._batches
+
+    def held(*args):  # something else holds the stream, as Ray's iterator machinery does:
+        streams.append(batches(*args))  # freeing the loop's reference does not close it
+        return streams[-1]
+
+    monkeypatch.setattr(loop, "_batches", held)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kwargs: reports.append(metrics))
+    state = build_state(cfg, build_model(cfg.model, cfg.data.scale), torch.device("cpu"))
+    no_sync = contextlib.nullcontext
+    loop._train(state, cfg, LoopContext(str(tmp_path)), Progress(), 0, None, no_sync, no_sync)
+    assert state.step == 2 and [r["step"] for r in reports] == [2]
+    assert shard.closed
