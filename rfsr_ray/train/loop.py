@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -336,11 +337,13 @@ def _train(
         _report(state, cfg, context, progress, rank, validator)
         return
     device = state.params[0].device
+    threads_before = set(threading.enumerate())
     stream = _batches(ray.train.get_dataset_shard("train"), cfg, device, rank)
     timing = Timing()
-    # Closed while Ray still runs: in Train's local mode (the loop in the driver) the garbage
-    # collector would close Ray Data's iterator after ray.shutdown, which logs tracebacks.
-    with contextlib.closing(stream):
+    # Closed, and its threads joined, while Ray still runs: in Train's local mode (the loop in
+    # the driver) the garbage collector would close Ray Data's iterator after ray.shutdown,
+    # which logs tracebacks, and a thread still fetching then ends the process with exit code 1.
+    with _joined_data_threads(threads_before), contextlib.closing(stream):
         while state.step < cfg.train.steps:
             started = time.perf_counter()
             micro_batches = []
@@ -360,6 +363,39 @@ def _train(
             _record(result, timing, state, cfg, context, rank)
             if _report(state, cfg, context, progress, rank, validator, timing):
                 break
+
+
+# The name Ray Data gives the threads that run an iterator's pipeline
+# (ray/data/_internal/block_batching/util.py, `iter_threaded`).
+RAY_DATA_ITERATOR_THREAD = "iter_threaded"
+
+
+@contextlib.contextmanager
+def _joined_data_threads(threads_before: set[threading.Thread], timeout_s: float = 60.0):
+    """On exit, wait for the Ray Data iterator threads started since `threads_before`.
+
+    Closing Ray Data's iterator only asks its threads to stop: one that is fetching the next
+    block (`ray.get`) finishes that fetch first. If Ray shuts down meanwhile (the driver of a
+    local-mode run exits right after training), that call makes Ray end the process with exit
+    code 1 ("The core worker has already been shutdown"), after a run that succeeded. Ray Data
+    offers no handle to join them, hence the thread name."""
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + timeout_s
+        while pending := [
+            thread
+            for thread in threading.enumerate()
+            if thread.name == RAY_DATA_ITERATOR_THREAD and thread not in threads_before
+        ]:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "%d Ray Data iterator thread(s) still fetching %.0f s after training ended",
+                    len(pending),
+                    timeout_s,
+                )
+                break
+            pending[0].join(timeout=max(deadline - time.monotonic(), 0.0))
 
 
 def _record(

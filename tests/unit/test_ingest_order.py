@@ -106,3 +106,34 @@ def test_the_loop_closes_its_data_stream_when_training_ends(tmp_path, monkeypatc
     loop._train(state, cfg, LoopContext(str(tmp_path)), Progress(), 0, None, no_sync, no_sync)
     assert state.step == 2 and [r["step"] for r in reports] == [2]
     assert shard.closed
+
+
+def test_the_loop_waits_for_ray_data_threads_still_fetching_when_training_ends(caplog):
+    """A Ray Data iterator thread that is fetching when the iterator closes calls Ray once more;
+    after ray.shutdown that call ends the process with exit code 1. The loop waits for the
+    threads its stream started (here one that takes 0.5 s to finish its fetch), not for others,
+    and gives up with a warning after its timeout."""
+    import threading
+    import time
+
+    from rfsr_ray.train.loop import RAY_DATA_ITERATOR_THREAD, _joined_data_threads
+
+    def fetcher(seconds: float) -> threading.Thread:
+        thread = threading.Thread(target=time.sleep, args=(seconds,), daemon=True)
+        thread.name = RAY_DATA_ITERATOR_THREAD
+        thread.start()
+        return thread
+
+    older = fetcher(3.0)  # another iterator's, started before the loop's stream
+    before = set(threading.enumerate())
+    with _joined_data_threads(before):
+        fetching = fetcher(0.5)
+    assert not fetching.is_alive()
+    assert older.is_alive()
+
+    stuck = fetcher(3.0)
+    started = time.monotonic()
+    with _joined_data_threads(before, timeout_s=0.2):
+        pass
+    assert time.monotonic() - started < 1.0 and stuck.is_alive()
+    assert "1 Ray Data iterator thread(s) still fetching" in caplog.text
