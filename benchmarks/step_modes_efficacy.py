@@ -84,13 +84,19 @@ def measure(
     outcome = Outcome()
     for seed in range(seeds):
         run_id, took = run(base, mode, seed, scratch, steps)
-        history = client.get_metric_history
-        outcome.gains.append(history(run_id, "val_reward_gain")[-1].value)
-        outcome.psnr.append(history(run_id, "val_psnr_gain")[-1].value)
+        outcome.gains.append(_last(client, run_id, "val_reward_gain"))
+        outcome.psnr.append(_last(client, run_id, "val_psnr_gain"))
         outcome.seconds.append(took)
-        rates = [m.value for m in history(run_id, "samples_per_s")]
-        outcome.step_seconds.append(SAMPLES_PER_STEP / statistics.mean(rates))
+        # One rate per logging window of equal length (train.log_every steps): the mean time
+        # per step is the mean of the windows' times, not the time at the mean rate.
+        rates = [m.value for m in client.get_metric_history(run_id, "samples_per_s")]
+        outcome.step_seconds.append(statistics.mean(SAMPLES_PER_STEP / rate for rate in rates))
     return outcome
+
+
+def _last(client: MlflowClient, run_id: str, key: str) -> float:
+    """The value of metric `key` at the run's last logged step."""
+    return max(client.get_metric_history(run_id, key), key=lambda m: m.step).value
 
 
 def row(label: str, outcome: Outcome, steps: str) -> str:

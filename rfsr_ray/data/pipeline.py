@@ -1,8 +1,9 @@
 """The streaming Ray Data pipeline: HR sources → decoded images → LR/HR pairs.
 
-`build_pair_dataset` returns a lazy `ray.data.Dataset` (schema in `rfsr_ray.data.pairs`) and a
-`PipelineStats` actor that counts every decode outcome while the dataset streams; read it with
-`stats_snapshot` once the dataset has been consumed.
+`build_pair_dataset` returns a `PairPipeline`: a lazy `ray.data.Dataset` (schema in
+`rfsr_ray.data.pairs`) and, unless built with `count=False`, a `PipelineStats` actor that counts
+every decode outcome while the dataset streams; read the counts with `PairPipeline.counts()` once
+the dataset has been consumed.
 """
 
 from __future__ import annotations

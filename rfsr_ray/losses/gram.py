@@ -129,7 +129,8 @@ def _seeded_random_trunk(seed: int) -> dict[str, torch.Tensor]:
     """The trunk's weights as torchvision's random initialisation of vgg19 makes them under
     `seed` (CPU tensors), computed once per process: it also draws the 123 M classifier
     weights (~1.5 s of CPU), and a process builds the regulariser more than once (the losses
-    and the validator; the unit tests dozens of times)."""
+    and the validator; the unit tests dozens of times). Shared and read-only: callers copy it
+    into their own trunk with `load_state_dict`."""
     from torchvision.models import vgg19
 
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):

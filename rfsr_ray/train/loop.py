@@ -86,22 +86,29 @@ def _batches(
     shuffle = 4 * cfg.train.batch_size if cfg.data.shuffle else None
     fallback = cfg.model.prompt.text
     for data_pass in itertools.count():
-        for rows in shard.iter_batches(
-            batch_size=cfg.train.batch_size,
-            batch_format="numpy",
-            prefetch_batches=2,
-            local_shuffle_buffer_size=shuffle,
-            local_shuffle_seed=seeds.derive_seed(cfg.data.seed, "shuffle", rank, data_pass) % 2**32,
-        ):
-            prompts, image_embeds = None, None
-            if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
-                prompts = [str(text) for text in rows["caption"]]
-                image_embeds = torch.tensor(rows["image_embeds"], device=device)  # a copy
-            elif "caption" in rows:  # model.prompt.from_data: a sample without one uses `text`
-                prompts = [str(text) or fallback for text in rows["caption"]]
-            lr, hr = to_tensor(rows["lr"], device), to_tensor(rows["hr"], device)
-            batch = Batch(lr, hr, prompts, image_embeds)
-            yield batch, int(rows["epoch"].max())
+        rows_of_pass = iter(
+            shard.iter_batches(
+                batch_size=cfg.train.batch_size,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=seeds.derive_seed(cfg.data.seed, "shuffle", rank, data_pass)
+                % 2**32,
+            )
+        )
+        # Closed when this generator closes, not when the garbage collector frees it: closing
+        # shuts Ray Data's executor down and tells its iterator threads to stop.
+        with contextlib.closing(rows_of_pass):
+            for rows in rows_of_pass:
+                prompts, image_embeds = None, None
+                if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
+                    prompts = [str(text) for text in rows["caption"]]
+                    image_embeds = torch.tensor(rows["image_embeds"], device=device)  # a copy
+                elif "caption" in rows:  # model.prompt.from_data: one without uses `text`
+                    prompts = [str(text) or fallback for text in rows["caption"]]
+                lr, hr = to_tensor(rows["lr"], device), to_tensor(rows["hr"], device)
+                batch = Batch(lr, hr, prompts, image_embeds)
+                yield batch, int(rows["epoch"].max())
         yield None
 
 
@@ -371,31 +378,33 @@ RAY_DATA_ITERATOR_THREAD = "iter_threaded"
 
 
 @contextlib.contextmanager
-def _joined_data_threads(threads_before: set[threading.Thread], timeout_s: float = 60.0):
-    """On exit, wait for the Ray Data iterator threads started since `threads_before`.
+def _joined_data_threads(
+    threads_before: set[threading.Thread], timeout_s: float = 60.0
+) -> Iterator[None]:
+    """When the block ends, wait for the Ray Data iterator threads started since
+    `threads_before`.
 
     Closing Ray Data's iterator only asks its threads to stop: one that is fetching the next
     block (`ray.get`) finishes that fetch first. If Ray shuts down meanwhile (the driver of a
     local-mode run exits right after training), that call makes Ray end the process with exit
     code 1 ("The core worker has already been shutdown"), after a run that succeeded. Ray Data
-    offers no handle to join them, hence the thread name."""
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + timeout_s
-        while pending := [
-            thread
-            for thread in threading.enumerate()
-            if thread.name == RAY_DATA_ITERATOR_THREAD and thread not in threads_before
-        ]:
-            if time.monotonic() >= deadline:
-                log.warning(
-                    "%d Ray Data iterator thread(s) still fetching %.0f s after training ended",
-                    len(pending),
-                    timeout_s,
-                )
-                break
-            pending[0].join(timeout=max(deadline - time.monotonic(), 0.0))
+    offers no handle to join them, hence the thread name. Not on an error: the run fails anyway,
+    and its error should not wait."""
+    yield
+    deadline = time.monotonic() + timeout_s
+    while pending := [
+        thread
+        for thread in threading.enumerate()
+        if thread.name == RAY_DATA_ITERATOR_THREAD and thread not in threads_before
+    ]:
+        if time.monotonic() >= deadline:
+            log.warning(
+                "%d Ray Data iterator thread(s) still fetching %.0f s after training ended",
+                len(pending),
+                timeout_s,
+            )
+            return
+        pending[0].join(timeout=max(deadline - time.monotonic(), 0.0))
 
 
 def _record(

@@ -15,8 +15,6 @@ test_worker_failure.py and test_started_cluster.py.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -64,30 +62,25 @@ def family_config(folders: dict[str, Path], family: str) -> RFSRConfig:
     return latent_config(folders, family, train={"grad_accum": 2}, **model)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _train_rank(rank: int, world: int, port: int, cfg: RFSRConfig, out: str) -> None:
+def _train_rank(rank: int, world: int, cfg: RFSRConfig, out: str) -> None:
     """One rank: the same start weights, its own micro-batches; saves its weights before and
-    after two optimiser steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    after two optimiser steps. The ranks meet through a file store (a TCP port picked in
+    advance could be taken by the other xdist process meanwhile)."""
+    store = Path(out) / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.data.scale)
         state = build_state(cfg, model, CPU, rank)
-        wrappers = wrap_for_ddp(state, DistributedDataParallel)
+        no_sync = wrap_for_ddp(state, DistributedDataParallel)
         start = [param.detach().clone() for param in state.params]
         for step in range(2):
             micro_batches = []
             for micro in range(cfg.train.grad_accum):
                 lr_image, hr_image = pair(seed=100 * rank + 10 * step + micro)
                 micro_batches.append(Batch(lr_image, hr_image, ["a cat", ""]))
-            optimizer_step(state, micro_batches, cfg, no_sync=wrappers)
+            optimizer_step(state, micro_batches, cfg, no_sync=no_sync)
         trained = [param.detach().clone() for param in state.params]
         checkpointing = getattr(model.unet, "is_gradient_checkpointing", False)
         torch.save({"start": start, "trained": trained, "checkpointing": checkpointing},
@@ -103,7 +96,7 @@ def test_two_ddp_ranks_train_the_family_in_step(folders, family, tmp_path):
     # them again (~10 s each on 2 cores); they start no threads before gloo does.
     mp.start_processes(
         _train_rank,
-        args=(2, _free_port(), cfg, str(tmp_path)),
+        args=(2, cfg, str(tmp_path)),
         nprocs=2,
         join=True,
         start_method="fork",
