@@ -33,9 +33,6 @@ from mlflow.tracking import MlflowClient
 from rfsr_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = load_config(ROOT / "configs" / "demo.yaml").train
-DEMO_STEPS = DEMO.steps
-SAMPLES_PER_STEP = DEMO.batch_size * DEMO.grad_accum  # per worker, what samples_per_s counts
 MODES = {
     "trajectory": ["schedule.mode=trajectory"],
     "one_step": ["schedule.mode=one_step"],
@@ -79,8 +76,9 @@ def _spread(values: list[float]) -> float:
 
 def measure(
     client: MlflowClient, base: str, mode: list[str], seeds: int, scratch: Path,
-    steps: int | None = None,
+    samples_per_step: int, steps: int | None = None,
 ) -> Outcome:  # fmt: skip
+    """`samples_per_step`: what one worker's optimiser step consumes (`samples_per_s` counts)."""
     outcome = Outcome()
     for seed in range(seeds):
         run_id, took = run(base, mode, seed, scratch, steps)
@@ -90,7 +88,7 @@ def measure(
         # One rate per logging window of equal length (train.log_every steps): the mean time
         # per step is the mean of the windows' times, not the time at the mean rate.
         rates = [m.value for m in client.get_metric_history(run_id, "samples_per_s")]
-        outcome.step_seconds.append(statistics.mean(SAMPLES_PER_STEP / rate for rate in rates))
+        outcome.step_seconds.append(statistics.mean(samples_per_step / rate for rate in rates))
     return outcome
 
 
@@ -126,24 +124,29 @@ def main() -> None:
     if args.same_time and "trajectory" not in args.modes:
         parser.error("--same-time measures against trajectory mode: include it in --modes")
     base = str(Path(args.base).resolve())
+    demo = load_config(ROOT / "configs" / "demo.yaml").train
+    demo_steps, samples_per_step = demo.steps, demo.batch_size * demo.grad_accum
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         client = MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
-        print(f"same steps ({DEMO_STEPS} each):\n{HEADER}", flush=True)
+        print(f"same steps ({demo_steps} each):\n{HEADER}", flush=True)
         outcomes = {}
         for label in args.modes:
-            outcomes[label] = measure(client, base, MODES[label], args.seeds, scratch)
-            print(row(label, outcomes[label], str(DEMO_STEPS)), flush=True)
+            mode = MODES[label]
+            outcomes[label] = measure(client, base, mode, args.seeds, scratch, samples_per_step)
+            print(row(label, outcomes[label], str(demo_steps)), flush=True)
         if not args.same_time:
             return
-        budget = DEMO_STEPS * statistics.mean(outcomes["trajectory"].step_seconds)
-        print(f"\nsame training time ({budget:.0f} s, trajectory's {DEMO_STEPS} steps):\n{HEADER}")
-        print(row("trajectory", outcomes["trajectory"], str(DEMO_STEPS)), flush=True)
+        budget = demo_steps * statistics.mean(outcomes["trajectory"].step_seconds)
+        print(f"\nsame training time ({budget:.0f} s, trajectory's {demo_steps} steps):\n{HEADER}")
+        print(row("trajectory", outcomes["trajectory"], str(demo_steps)), flush=True)
         for label in args.modes:
             if label == "trajectory":
                 continue
             steps = round(budget / statistics.mean(outcomes[label].step_seconds))
-            outcome = measure(client, base, MODES[label], args.seeds, scratch, steps)
+            outcome = measure(
+                client, base, MODES[label], args.seeds, scratch, samples_per_step, steps
+            )
             print(row(label, outcome, str(steps)), flush=True)
 
 
