@@ -16,6 +16,7 @@ run says so); a new 2-worker group resuming from the checkpoint is the retry's.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -92,6 +93,9 @@ def test_a_killed_worker_and_a_rerun_resume_ddp_and_rebuild_the_buffer(
     assert loss_steps == [1, 2, 3, 4]  # strictly increasing, the last step reached
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")]
     assert val_steps == [0, 4]  # step 0 is not validated again on the retry
+    # The pyiqa reward term (gmsd) scored on both ranks' shards of the held-out pairs.
+    rewards = client.get_metric_history(run.info.run_id, "val_reward_gmsd")
+    assert [m.step for m in rewards] == [0, 4] and all(math.isfinite(m.value) for m in rewards)
     assert (run_dir / "checkpoint_00000004").is_dir()
     assert (run_dir / "model" / "rfsr_model.json").is_file()
 
