@@ -85,31 +85,35 @@ def _batches(
     shuffle is seeded by rank and pass (`shuffle` stream): unseeded, Ray draws it from the OS."""
     shuffle = 4 * cfg.train.batch_size if cfg.data.shuffle else None
     fallback = cfg.model.prompt.text
-    for data_pass in itertools.count():
-        rows_of_pass = iter(
-            shard.iter_batches(
-                batch_size=cfg.train.batch_size,
-                batch_format="numpy",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=shuffle,
-                local_shuffle_seed=seeds.derive_seed(cfg.data.seed, "shuffle", rank, data_pass)
-                % 2**32,
+    threads_before = set(threading.enumerate())
+    try:
+        for data_pass in itertools.count():
+            rows_of_pass = iter(
+                shard.iter_batches(
+                    batch_size=cfg.train.batch_size,
+                    batch_format="numpy",
+                    prefetch_batches=2,
+                    local_shuffle_buffer_size=shuffle,
+                    local_shuffle_seed=seeds.derive_seed(cfg.data.seed, "shuffle", rank, data_pass)
+                    % 2**32,
+                )
             )
-        )
-        # Closed when this generator closes, not when the garbage collector frees it: closing
-        # shuts Ray Data's executor down and tells its iterator threads to stop.
-        with contextlib.closing(rows_of_pass):
-            for rows in rows_of_pass:
-                prompts, image_embeds = None, None
-                if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
-                    prompts = [str(text) for text in rows["caption"]]
-                    image_embeds = torch.tensor(rows["image_embeds"], device=device)  # a copy
-                elif "caption" in rows:  # model.prompt.from_data: one without uses `text`
-                    prompts = [str(text) or fallback for text in rows["caption"]]
-                lr, hr = to_tensor(rows["lr"], device), to_tensor(rows["hr"], device)
-                batch = Batch(lr, hr, prompts, image_embeds)
-                yield batch, int(rows["epoch"].max())
-        yield None
+            # Closed when this generator closes, not when the garbage collector frees it: closing
+            # shuts Ray Data's executor down and tells its iterator threads to stop.
+            with contextlib.closing(rows_of_pass):
+                for rows in rows_of_pass:
+                    prompts, image_embeds = None, None
+                    if "image_embeds" in rows:  # the tagger stage's tags and embeddings (seesr)
+                        prompts = [str(text) for text in rows["caption"]]
+                        image_embeds = torch.tensor(rows["image_embeds"], device=device)  # a copy
+                    elif "caption" in rows:  # model.prompt.from_data: one without uses `text`
+                        prompts = [str(text) or fallback for text in rows["caption"]]
+                    lr, hr = to_tensor(rows["lr"], device), to_tensor(rows["hr"], device)
+                    batch = Batch(lr, hr, prompts, image_embeds)
+                    yield batch, int(rows["epoch"].max())
+            yield None
+    finally:  # the loop closes the stream while Ray still runs (see _join_data_threads)
+        _join_data_threads(threads_before)
 
 
 def _next_batch(stream: Iterator[tuple[Batch, int] | None]) -> tuple[Batch, int]:
@@ -344,13 +348,12 @@ def _train(
         _report(state, cfg, context, progress, rank, validator)
         return
     device = state.params[0].device
-    threads_before = set(threading.enumerate())
     stream = _batches(ray.train.get_dataset_shard("train"), cfg, device, rank)
     timing = Timing()
-    # Closed, and its threads joined, while Ray still runs: in Train's local mode (the loop in
-    # the driver) the garbage collector would close Ray Data's iterator after ray.shutdown,
-    # which logs tracebacks, and a thread still fetching then ends the process with exit code 1.
-    with _joined_data_threads(threads_before), contextlib.closing(stream):
+    # Closed while Ray still runs: in Train's local mode (the loop in the driver) the garbage
+    # collector would close Ray Data's iterator after ray.shutdown, which logs tracebacks, and
+    # a thread still fetching then ends the process with exit code 1.
+    with contextlib.closing(stream):
         while state.step < cfg.train.steps:
             started = time.perf_counter()
             micro_batches = []
@@ -377,20 +380,14 @@ def _train(
 RAY_DATA_ITERATOR_THREAD = "iter_threaded"
 
 
-@contextlib.contextmanager
-def _joined_data_threads(
-    threads_before: set[threading.Thread], timeout_s: float = 60.0
-) -> Iterator[None]:
-    """When the block ends, wait for the Ray Data iterator threads started since
-    `threads_before`.
+def _join_data_threads(threads_before: set[threading.Thread], timeout_s: float = 60.0) -> None:
+    """Wait for the Ray Data iterator threads started since `threads_before`.
 
     Closing Ray Data's iterator only asks its threads to stop: one that is fetching the next
     block (`ray.get`) finishes that fetch first. If Ray shuts down meanwhile (the driver of a
     local-mode run exits right after training), that call makes Ray end the process with exit
     code 1 ("The core worker has already been shutdown"), after a run that succeeded. Ray Data
-    offers no handle to join them, hence the thread name. Not on an error: the run fails anyway,
-    and its error should not wait."""
-    yield
+    offers no handle to join them, hence the thread name."""
     deadline = time.monotonic() + timeout_s
     while pending := [
         thread

@@ -116,7 +116,7 @@ def test_the_loop_waits_for_ray_data_threads_still_fetching_when_training_ends(c
     import threading
     import time
 
-    from rfsr_ray.train.loop import RAY_DATA_ITERATOR_THREAD, _joined_data_threads
+    from rfsr_ray.train.loop import RAY_DATA_ITERATOR_THREAD, _join_data_threads
 
     def fetcher(seconds: float) -> threading.Thread:
         thread = threading.Thread(target=time.sleep, args=(seconds,), daemon=True)
@@ -126,13 +126,12 @@ def test_the_loop_waits_for_ray_data_threads_still_fetching_when_training_ends(c
 
     older = fetcher(3.0)  # another iterator's, started before the loop's stream
     before = set(threading.enumerate())
-    with _joined_data_threads(before):
-        fetching = fetcher(0.5)
+    fetching = fetcher(0.5)
+    _join_data_threads(before)
     assert not fetching.is_alive()
     assert older.is_alive()
 
     stuck = fetcher(3.0)
-    with _joined_data_threads(before, timeout_s=0.2):
-        pass
+    _join_data_threads(before, timeout_s=0.2)
     assert stuck.is_alive()  # given up on (after 0.2 s), with a warning
     assert "1 Ray Data iterator thread(s) still fetching" in caplog.text
