@@ -20,8 +20,9 @@ from ray.data.expressions import col
 from rfsr_ray.config import EvalModelConfig, RFSRConfig, load_config
 from rfsr_ray.errors import ConfigError, DataError
 from rfsr_ray.eval import report
-from rfsr_ray.eval.inference import Upscaler, load_any
-from rfsr_ray.eval.metrics import MetricInfo, Scorer, resolve_metrics
+from rfsr_ray.eval.actor import UpscaleAndScore
+from rfsr_ray.eval.inference import load_any
+from rfsr_ray.eval.metrics import MetricInfo, resolve_metrics
 from rfsr_ray.eval.testsets import decode_png, read_test_set
 from rfsr_ray.tracking import logged_model, mlflow_run
 from rfsr_ray.train.checkpoint import COMPLETE_MARKER, read_progress
@@ -116,27 +117,24 @@ def _score(
     if use_gpu is None:  # one GPU per actor whenever the cluster has GPUs
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     gpu = {"num_gpus": 1, "num_cpus": 0} if use_gpu else {"num_cpus": 1}
-    pool = ray.data.ActorPoolStrategy(size=settings.actors_per_model)
     save_dir = str(Path(settings.output) / settings.name / "sr") if settings.save_images else None
-    upscaled = pairs.map_batches(
-        Upscaler,
-        fn_constructor_kwargs=dict(
-            name=model.name,
-            path=model.path,
-            steps=model.steps,
-            seed=settings.seed,
-            tile=settings.tile_size,
-            overlap=settings.tile_overlap,
-            fix=settings.color_fix,
-            save_dir=save_dir,
-        ),
-        batch_size=1,
-        compute=pool,
-        **gpu,
+    upscaler = dict(
+        name=model.name,
+        path=model.path,
+        steps=model.steps,
+        seed=settings.seed,
+        tile=settings.tile_size,
+        overlap=settings.tile_overlap,
+        fix=settings.color_fix,
+        save_dir=save_dir,
     )
-    scored = upscaled.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"metrics": metrics, "crop": settings.report_crop},
+    scored = pairs.map_batches(
+        UpscaleAndScore,
+        fn_constructor_kwargs={
+            "upscaler": upscaler,
+            "metrics": metrics,
+            "crop": settings.report_crop,
+        },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=settings.actors_per_model),
         **gpu,
