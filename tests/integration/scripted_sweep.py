@@ -1,5 +1,5 @@
 """`pipelines/tune.py` with scripted trials, run as a subprocess by test_tune.py's
-kill-and-resume test:
+kill-and-resume test (the driver it kills; its re-run uses `scripted_trial` in the test's process):
 
     python -m tests.integration.scripted_sweep key.sub=value ...
 

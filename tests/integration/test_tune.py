@@ -4,6 +4,7 @@ resume after a kill with scripted trials; spaces rejected before any trial start
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ from PIL import Image
 
 from pipelines import tune as tune_pipeline
 from rfsr_ray.config import load_config
+from rfsr_ray.tune import sweep
 from rfsr_ray.tune.sweep import run_sweep
 from tests.integration.conftest import ROOT, mlflow_client, tiny_args
 
@@ -161,7 +163,9 @@ def test_rejected_spaces_name_the_parameter_before_any_trial(tmp_path, base_mode
     assert not (tmp_path / "tune").exists()  # nothing started
 
 
-def test_killed_sweep_resumes_instead_of_starting_over(ray_cluster, tmp_path, base_model):
+def test_killed_sweep_resumes_instead_of_starting_over(
+    ray_cluster, tmp_path, base_model, monkeypatch, capsys, caplog
+):
     """Kill the sweep's driver while the second of two trials runs; the re-run keeps the finished
     trial and continues the other after its last step, in the same MLflow runs. The trials are
     scripted (tests/integration/scripted_sweep.py): what is tested is the sweep's resume, not the
@@ -204,10 +208,18 @@ def test_killed_sweep_resumes_instead_of_starting_over(ray_cluster, tmp_path, ba
     (first,), (second,) = done, running
     assert len(list(train_dir.glob("trial_*"))) == 2  # one trial at a time
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "sweep folder (resumed)" in rerun.stdout
-    assert "resuming sweep" in rerun.stderr  # Tune restored the experiment
+    # Imported here, not at the top: the trial actors of this file's other tests import it.
+    from tests.integration.scripted_sweep import scripted_trial
+
+    # The re-run is this process (the same pipeline; a second driver process would cost ~15 s
+    # of CPU to start): pipelines/tune.py with the scripted trials, as scripted_sweep.py runs it.
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    monkeypatch.setattr(sweep, "run_sweep", functools.partial(run_sweep, trial_fn=scripted_trial))
+    caplog.clear()
+    capsys.readouterr()
+    assert tune_pipeline.main(args) == 0
+    assert "sweep folder (resumed)" in capsys.readouterr().out
+    assert "resuming sweep" in caplog.text  # Tune restored the experiment
     # The finished trial did not run again; the other restarted after its last finished step.
     assert (first / "starts.txt").read_text().split() == ["0"]
     restarts = [int(step) for step in (second / "starts.txt").read_text().split()]
