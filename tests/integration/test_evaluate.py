@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipelines import evaluate
 from tests.conftest import natural_image
-from tests.integration.conftest import mlflow_client, save_tiny_model
+from tests.integration.conftest import mlflow_client, save_tiny_model, tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -80,7 +80,7 @@ def eval_args(tmp_path: Path, base: Path, tuned: Path, sets: dict[str, Path]) ->
         "eval.report_crop=32",
         "eval.name=run",
         f"eval.output={tmp_path / 'eval'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={tracking_uri(tmp_path)}",
     ]
 
 

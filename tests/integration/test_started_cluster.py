@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import RAY, ROOT, RayHead, ray_head
+from tests.integration.conftest import RAY, ROOT, RayHead, ray_head, tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 EXAMPLE = ROOT / "examples" / "ldm_sr"
@@ -70,7 +70,7 @@ def test_ray_job_submit_trains_a_plugin_family_shipped_by_py_modules(
         "train.steps=2",
         "train.checkpoint_every=2",
         "train.validate_every=2",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={tracking_uri(tmp_path)}",
         f"output.storage_path={tmp_path / 'runs'}",
         "output.run_name=ldm",
     ]
