@@ -87,9 +87,7 @@ def tracking_uri(tmp_path: Path) -> str:
     schema migrations, ~1.7 s in this process and more in a fresh one, in every test. A run's
     first store is still made from nothing where that is the subject: the demo run's."""
     path = tmp_path / "mlflow.db"
-    if not path.exists():
-        sqlite_store(tmp_path)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{path}" if path.exists() else sqlite_store(tmp_path)
 
 
 def mlflow_client(tmp_path: Path):
